@@ -33,6 +33,7 @@ def build_tokenizer(chat: bool = True):
         "Question: Which is a mammal? A. dog B. fish C. frog D. ant Answer: A",
         "The following is a multiple choice question. Answer with the letter of the correct option.",
         " A B C D E 0 1 2 3 4 5 6 7 8 9 water plants sun energy heat light",
+        *[f"Answer: {c}" for c in "ABCDE"],
     ] * 20
     trainer = trainers.BpeTrainer(
         vocab_size=300,

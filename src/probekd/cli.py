@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -121,6 +122,90 @@ def models_prepare(
     from probekd.models import prepare
 
     typer.echo(str(prepare(name, verify=verify)))
+
+
+def _run_extract(
+    task: str, teacher: str, out: Path, splits: list[str], cfg: Any, limit: int | None, overwrite: bool
+) -> dict[str, Any]:
+    from probekd.atomic import write_json
+    from probekd.data import load_task
+    from probekd.models import prepare
+    from probekd.teacher.extract import load_teacher
+    from probekd.teacher.pipeline import extract_split
+
+    loaded = load_task(task)
+    unknown = [s for s in splits if s not in loaded.splits]
+    if unknown:
+        raise ProbekdError(f"task {task!r} has no split(s) {unknown}; it has {list(loaded.splits)}")
+    folder = prepare(teacher)
+    log.info("loading teacher %s from %s", teacher, folder)
+    model = load_teacher(str(folder), cfg.device, cfg.compute_dtype)
+    summaries = {}
+    for split in splits:
+        examples = loaded.splits[split][:limit] if limit else loaded.splits[split]
+        summaries[split] = extract_split(
+            model, folder, examples, out / "teacher" / split, cfg, overwrite=overwrite, desc=f"{split}"
+        )
+    write_json(out / "teacher" / "summary.json", {"task": task, "teacher": teacher, "splits": summaries})
+    return summaries
+
+
+@app.command("extract")
+def extract(
+    task: Annotated[str, typer.Option(help="Task name, folder, or hf:<dataset>.")],
+    teacher: Annotated[str, typer.Option(help="Packaged model, local folder, .gguf file, or HF id.")],
+    out: Annotated[Path, typer.Option(help="Run directory; the cache goes to OUT/teacher/<split>/.")],
+    splits: Annotated[str, typer.Option(help="Comma-separated splits.")] = "train,dev,test",
+    layers: Annotated[str, typer.Option(help="`all`, or comma-separated layer indices (0 = embeddings).")] = "all",
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples of each split.")] = None,
+    formulation: Annotated[str, typer.Option(help="`letter` or `option` (see DESIGN.md).")] = "letter",
+    prompt: Annotated[str, typer.Option(help="Prompt preset: auto, base or instruct.")] = "auto",
+    storage_dtype: Annotated[str, typer.Option(help="float16, bfloat16 or float32.")] = "float16",
+    compute_dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (letter).")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache made from other inputs.")] = False,
+) -> None:
+    """Run the frozen teacher once over a task and cache its hidden states (resumable: rerun to finish)."""
+    from pydantic import ValidationError
+
+    from probekd.teacher.pipeline import ExtractConfig
+
+    try:
+        cfg = ExtractConfig(
+            formulation=formulation,
+            layers=layers,
+            prompt=prompt,
+            storage_dtype=storage_dtype,  # type: ignore[arg-type]
+            compute_dtype=compute_dtype,
+            batch_size=batch_size,
+            device=device,  # type: ignore[arg-type]
+        )
+    except ValidationError as e:
+        raise ProbekdError(f"bad option: {e}") from e
+    summaries = _run_extract(task, teacher, out, splits.split(","), cfg, limit, overwrite)
+    rows = [["split", "n", "teacher acc", "ex/s", "cache MB"]]
+    for split, s in summaries.items():
+        eps = "-" if s["examples_per_s"] is None else f"{s['examples_per_s']:.1f}"
+        rows.append([split, str(s["n"]), f"{s['teacher_accuracy']:.3f}", eps, f"{s['cache_bytes'] / 1e6:.1f}"])
+    _print_table(rows)
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
+    limit: Annotated[int, typer.Option(help="Examples per split from ARC-Easy.")] = 120,
+    teacher: Annotated[str, typer.Option(help="Teacher model.")] = "smollm2-135m-instruct",
+) -> None:
+    """The embedded default: a real small teacher on a real ARC-Easy subset, on CPU in minutes."""
+    from probekd.teacher.pipeline import ExtractConfig
+
+    cfg = ExtractConfig(formulation="option", storage_dtype="float16")
+    summaries = _run_extract("arc_easy", teacher, out, ["train", "dev"], cfg, limit, False)
+    typer.echo(f"\nteacher {teacher} on ARC-Easy ({limit} questions a split, option formulation):")
+    for split, s in summaries.items():
+        typer.echo(f"  {split}: teacher accuracy {s['teacher_accuracy']:.3f} (chance ~0.25)")
+    typer.echo(str(out / "teacher" / "summary.json"))
 
 
 def main() -> None:

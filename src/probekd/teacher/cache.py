@@ -1,0 +1,148 @@
+"""The teacher cache: per split, a manifest plus sharded safetensors files, fingerprinted and resumable.
+
+Layout of `RUN/teacher/<split>/`:
+- `manifest.json`: format version, fingerprint and the fields it hashes, the example ids in order, shard size,
+  layers, shapes, storage dtype. Written before any shard.
+- `shard-00000.safetensors`, ...: shard i holds examples `ids[i*S:(i+1)*S]`: `hidden` ([n, L, H] for `letter`,
+  [n, K, L, H] for `option`, in the storage dtype), `hidden_mean` (`option` only), `scores` [n, K] fp32 (the
+  teacher's own answer scores, -inf where an option is missing), `mask` [n, K], `answers` [n] (-1: unlabelled).
+  Each shard is written to a temporary name and renamed, so a shard file that exists is complete.
+
+A rerun with the same fingerprint computes only the missing shards; a different fingerprint is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from probekd.atomic import atomic_path, write_json
+from probekd.errors import ProbekdError
+
+FORMAT_VERSION = 1
+FP16_MAX = 65504.0
+
+
+class CacheMismatchError(ProbekdError):
+    """A cache exists at the target but was made from other inputs."""
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that determines the cached values."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def shard_path(folder: Path, i: int) -> Path:
+    return folder / f"shard-{i:05d}.safetensors"
+
+
+def open_cache(folder: Path, manifest: dict[str, Any], *, overwrite: bool = False) -> list[int]:
+    """Create or reopen a cache for `manifest`; return the indices of the shards still missing.
+
+    An existing cache with another fingerprint raises CacheMismatchError naming the fields that differ, unless
+    `overwrite`, which deletes it first.
+    """
+    mpath = folder / "manifest.json"
+    if mpath.exists():
+        old = json.loads(mpath.read_text())
+        if old.get("fingerprint") != manifest["fingerprint"]:
+            if not overwrite:
+                a, b = old.get("fields", {}), manifest["fields"]
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                raise CacheMismatchError(
+                    f"the teacher cache at {folder} was made with different inputs (differs in: {', '.join(diff)}); "
+                    "use another --out, or pass --overwrite to replace it"
+                )
+            for f in folder.glob("shard-*.safetensors"):
+                f.unlink()
+    write_json(mpath, manifest)
+    return [i for i in range(manifest["n_shards"]) if not shard_path(folder, i).exists()]
+
+
+def write_shard(folder: Path, i: int, ids: list[str], tensors: dict[str, torch.Tensor], storage_dtype: str) -> None:
+    """Write shard i atomically, casting hidden states to the storage dtype (refusing fp16 overflow)."""
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("hidden"):
+            if storage_dtype == "float16" and t.abs().max().item() > FP16_MAX:
+                raise ProbekdError(
+                    f"hidden states reach {t.abs().max().item():.0f}, beyond the float16 maximum {FP16_MAX:.0f}; "
+                    "store the cache as bfloat16 or float32 (--storage-dtype)"
+                )
+            t = t.to(getattr(torch, storage_dtype))
+        out[name] = t.contiguous()
+    with atomic_path(shard_path(folder, i)) as tmp:
+        save_file(out, str(tmp), metadata={"ids": json.dumps(ids)})
+
+
+@dataclass
+class TeacherCache:
+    """A loaded split cache: everything as float32 arrays, rows in manifest order."""
+
+    manifest: dict[str, Any]
+    ids: list[str]
+    hidden: np.ndarray  # [N, L, H] or [N, K, L, H]
+    scores: np.ndarray  # [N, K]
+    mask: np.ndarray  # [N, K] bool
+    answers: np.ndarray  # [N]
+    hidden_mean: np.ndarray | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.manifest["layers"])
+
+    def teacher_accuracy(self) -> float:
+        """Accuracy of the teacher's own answer (argmax of its scores) on the labelled rows."""
+        lab = self.answers >= 0
+        if not lab.any():
+            return float("nan")
+        pred = np.where(self.mask, self.scores, -np.inf).argmax(1)
+        return float((pred[lab] == self.answers[lab]).mean())
+
+
+def load_cache(folder: Path) -> TeacherCache:
+    """Read a complete split cache; a missing shard or a shard with unexpected ids is an error."""
+    mpath = folder / "manifest.json"
+    if not mpath.exists():
+        raise ProbekdError(f"no teacher cache at {folder} (manifest.json missing); run probekd extract first")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ProbekdError(
+            f"teacher cache at {folder} has format {manifest.get('format_version')}, "
+            f"this probekd reads {FORMAT_VERSION}; re-extract it"
+        )
+    missing = [i for i in range(manifest["n_shards"]) if not shard_path(folder, i).exists()]
+    if missing:
+        raise ProbekdError(
+            f"teacher cache at {folder} is incomplete (shards {missing} missing); rerun probekd "
+            "extract with the same arguments to finish it"
+        )
+    parts: dict[str, list[np.ndarray]] = {}
+    size = manifest["shard_size"]
+    for i in range(manifest["n_shards"]):
+        path = shard_path(folder, i)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            ids = json.loads(f.metadata()["ids"])
+        if ids != manifest["ids"][i * size : (i + 1) * size]:
+            raise ProbekdError(f"shard {path} holds other example ids than its manifest says; re-extract")
+        for name, t in load_file(str(path)).items():
+            parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
+    cat = {k: np.concatenate(v) for k, v in parts.items()}
+    return TeacherCache(
+        manifest,
+        list(manifest["ids"]),
+        cat["hidden"],
+        cat["scores"],
+        cat["mask"].astype(bool),
+        cat["answers"],
+        cat.get("hidden_mean"),
+    )

@@ -1,0 +1,269 @@
+"""Run a frozen causal LM over multiple-choice prompts and read, for every requested layer, its hidden state.
+
+Two formulations (see DESIGN.md):
+- `letter`: one prompt per question listing all options; the state at the last prompt token; the teacher's answer
+  is the logits of the option-letter tokens at that position (computed in fp32 from the final-norm state).
+- `option`: one sequence per (question, option); the question prefix runs once and its key/value cache is reused
+  for the K continuations; the state at each option's last token (and the mean over its tokens); the teacher's
+  answer is each option's length-normalized log-likelihood.
+
+Layer 0 is the embedding output, layer i the output of decoder block i (the residual stream, before the final
+norm for every layer, so the curve is comparable across depth). Hidden states are read with forward hooks that keep
+only the gathered rows, and the forward pass stops after the deepest layer needed when no logits are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from probekd.data.prompts import PromptTemplate
+from probekd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook after the deepest layer needed, to skip the rest of the network."""
+
+
+@dataclass
+class Teacher:
+    """A loaded causal LM with the parts extraction needs."""
+
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+
+def load_teacher(folder: str, device: str = "auto", compute_dtype: str = "auto") -> Teacher:
+    """Load a causal LM and its tokenizer from a local folder, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    if compute_dtype == "auto":
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, compute_dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).eval()
+    model.requires_grad_(False)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return Teacher(model, tok, dev)
+
+
+def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
+    """`all` -> 0..L; a list or comma string of indices (negative counts from the end) -> sorted unique indices."""
+    if spec == "all":
+        return list(range(num_layers + 1))
+    items = [int(x) for x in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out = sorted({i + num_layers + 1 if i < 0 else i for i in items})
+    bad = [i for i in out if not 0 <= i <= num_layers]
+    if bad:
+        raise ConfigError(f"layers {bad} out of range: the teacher has layers 0..{num_layers} (0 = embeddings)")
+    return out
+
+
+def letter_token_ids(tokenizer: Any, template: PromptTemplate, k: int) -> list[int]:
+    """The token id of each answer string (' A', ' B', ...); each must be exactly one token."""
+    ids = []
+    for s in template.answer_strings(k):
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ConfigError(
+                f"answer string {s!r} is {len(toks)} tokens {toks} for this tokenizer; letter scoring needs one "
+                "token per option (change prompt.letter_prefix or prompt.letters)"
+            )
+        ids.append(toks[0])
+    return ids
+
+
+class _LayerTap:
+    """Forward hooks that gather, per layer, the hidden rows at given positions (or their mean over a span)."""
+
+    def __init__(self, teacher: Teacher, layers: list[int], need_norm: bool) -> None:
+        self.layers = layers
+        self.deepest = max(layers)
+        self.need_norm = need_norm
+        self.gather: torch.Tensor | None = None  # [B] positions
+        self.span: torch.Tensor | None = None  # [B, T] float weights for a mean, or None
+        self.out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.norm_out: torch.Tensor | None = None
+        dec = teacher.decoder
+        self.handles = [dec.embed_tokens.register_forward_hook(self._hook(0))]
+        self.handles += [
+            block.register_forward_hook(self._hook(i + 1))
+            for i, block in enumerate(dec.layers)
+            if i + 1 <= self.deepest
+        ]
+        if need_norm:
+            self.handles.append(dec.norm.register_forward_hook(self._norm_hook))
+
+    def _rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.arange(h.shape[0], device=h.device)
+        last = h[idx, self.gather].float()
+        mean = None
+        if self.span is not None:
+            mean = (h.float() * self.span[..., None]).sum(1) / self.span.sum(1, keepdim=True).clamp_min(1)
+        return last, mean
+
+    def _hook(self, layer: int):
+        def hook(_m: nn.Module, _inp: Any, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            if layer in self.layers:
+                self.out[layer] = self._rows(h)
+            if layer == self.deepest and not self.need_norm:
+                raise _StopForward
+
+        return hook
+
+    def _norm_hook(self, _m: nn.Module, _inp: Any, output: Any) -> None:
+        self.norm_out = output
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        last = torch.stack([self.out[i][0] for i in self.layers], dim=1)
+        means = [self.out[i][1] for i in self.layers]
+        mean = torch.stack(means, dim=1) if means[0] is not None else None  # type: ignore[arg-type]
+        return last, mean
+
+
+def _output_rows(teacher: Teacher, token_ids: list[int] | None = None) -> torch.Tensor:
+    w = teacher.model.get_output_embeddings().weight
+    return (w if token_ids is None else w[token_ids]).float()
+
+
+def _softcap(teacher: Teacher, logits: torch.Tensor) -> torch.Tensor:
+    cap = getattr(teacher.model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.inference_mode()
+def extract_letter_batch(
+    teacher: Teacher, prompts: list[str], layers: list[int], letter_ids: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states [B, len(layers), H] at each prompt's last token, and fp32 letter logits [B, K].
+
+    With `letter_ids=None` no logits are computed and the forward pass stops after the deepest requested layer.
+    """
+    tok = teacher.tokenizer
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    mask = enc["attention_mask"].to(teacher.device)
+    ids = enc["input_ids"].to(teacher.device)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1) if tok.padding_side == "right" else None
+    if last is None:  # left padding: the last real token is the last column
+        last = torch.full((ids.shape[0],), ids.shape[1] - 1, device=teacher.device)
+    tap = _LayerTap(teacher, layers, need_norm=letter_ids is not None)
+    tap.gather = last
+    try:
+        teacher.decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        tap.remove()
+    hidden, _ = tap.stacked()
+    if letter_ids is None:
+        return hidden.cpu(), None
+    assert tap.norm_out is not None
+    final = tap.norm_out[torch.arange(ids.shape[0], device=ids.device), last].float()
+    logits = _softcap(teacher, final @ _output_rows(teacher, letter_ids).T)
+    return hidden.cpu(), logits.cpu()
+
+
+@torch.inference_mode()
+def extract_option_question(
+    teacher: Teacher, prefix: str, continuations: list[str], layers: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one question: per-option hidden states at the option's last token [K, len(layers), H], the mean over
+    the option's tokens [K, len(layers), H], and the length-normalized log-likelihood of each option [K].
+
+    The prefix runs once; its key/value cache is repeated for the K continuations.
+    """
+    from transformers import DynamicCache
+
+    tok = teacher.tokenizer
+    dev = teacher.device
+    pre = tok(prefix, return_tensors="pt", add_special_tokens=True)["input_ids"].to(dev)
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    if any(len(c) == 0 for c in conts):
+        raise ConfigError(f"an option tokenizes to no tokens: {continuations}")
+    k, p = len(conts), pre.shape[1]
+    t = max(len(c) for c in conts)
+    pad = tok.pad_token_id
+    cont_ids = torch.tensor([c + [pad] * (t - len(c)) for c in conts], device=dev)
+    cont_mask = torch.tensor([[1] * len(c) + [0] * (t - len(c)) for c in conts], device=dev)
+    lengths = cont_mask.sum(1)
+
+    # the prefix, once: its cache and the logits of its last position (which predict each option's first token)
+    cache = DynamicCache()
+    out = teacher.decoder(input_ids=pre, past_key_values=cache, use_cache=True)
+    pre_last = out.last_hidden_state[:, -1].float()  # after the final norm
+    cache.batch_repeat_interleave(k)
+
+    tap = _LayerTap(teacher, layers, need_norm=True)
+    tap.gather = lengths - 1
+    tap.span = cont_mask.float()
+    full_mask = torch.cat([torch.ones(k, p, dtype=cont_mask.dtype, device=dev), cont_mask], dim=1)
+    position_ids = (p + torch.arange(t, device=dev)).expand(k, t)
+    try:
+        teacher.decoder(
+            input_ids=cont_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+    finally:
+        tap.remove()
+    last, mean = tap.stacked()
+    assert tap.norm_out is not None and mean is not None
+    # state predicting token j of the option: the prefix's last state for j=0, the option's state j-1 after
+    states = torch.cat([pre_last.expand(k, 1, -1), tap.norm_out[:, : t - 1].float()], dim=1)  # [K, T, H]
+    logp = torch.log_softmax(_softcap(teacher, states @ _output_rows(teacher).T), dim=-1)
+    tok_logp = logp.gather(-1, cont_ids[..., None])[..., 0] * cont_mask
+    scores = tok_logp.sum(1) / lengths
+    return last.cpu(), mean.cpu(), scores.cpu()
+
+
+def naive_letter_extract(teacher: Teacher, prompt: str, letter_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop a user would write: batch 1, `output_hidden_states=True`, full logits. The benchmarks' baseline and
+    the tests' reference (hidden_states[i] is layer i, except the last entry, which is after the final norm)."""
+    with torch.inference_mode():
+        enc = teacher.tokenizer(prompt, return_tensors="pt").to(teacher.device)
+        out = teacher.model(**enc, output_hidden_states=True)
+        hidden = torch.stack([h[0, -1].float() for h in out.hidden_states], dim=0)
+        return hidden.cpu(), out.logits[0, -1, letter_ids].float().cpu()
+
+
+__all__ = [
+    "Teacher",
+    "extract_letter_batch",
+    "extract_option_question",
+    "letter_token_ids",
+    "load_teacher",
+    "naive_letter_extract",
+    "resolve_layers",
+]

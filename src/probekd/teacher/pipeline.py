@@ -1,0 +1,185 @@
+"""Extraction of a task's splits into teacher caches: shard by shard, resumable, with a progress bar."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from probekd.atomic import write_json
+from probekd.data.examples import MCQExample, answers_array, option_mask
+from probekd.data.prompts import PromptTemplate, get_template
+from probekd.models.zoo import model_info, sha256_files
+from probekd.teacher import cache as tcache
+from probekd.teacher.extract import (
+    Teacher,
+    extract_letter_batch,
+    extract_option_question,
+    letter_token_ids,
+    resolve_layers,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ExtractConfig(BaseModel):
+    """How the teacher is read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    formulation: Literal["letter", "option"] = Field(
+        "letter",
+        description="`letter`: one prompt listing the options, state at the last prompt token; `option`: "
+        "one sequence per option, state at the option's last token (see DESIGN.md).",
+    )
+    layers: str | list[int] = Field("all", description="`all` (0 = embeddings .. L), or a list of layer indices.")
+    prompt: str | PromptTemplate = Field("auto", description="A preset (auto, base, instruct) or a template.")
+    storage_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of cached hidden states; float16 refuses values beyond its range."
+    )
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the forward pass: auto = float32 on CPU, bfloat16 on CUDA."
+    )
+    device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (`letter`).")
+    shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
+
+
+def _weights_sha(folder: Path) -> str:
+    info = model_info(folder)
+    if info.get("sha256"):
+        return str(info["sha256"])
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return sha256_files(files)
+
+
+def _tokenizer_sha(folder: Path) -> str:
+    files = sorted(p for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens", "chat_template")))
+    return sha256_files(files)
+
+
+def _manifest(
+    examples: list[MCQExample],
+    cfg: ExtractConfig,
+    template: PromptTemplate,
+    layers: list[int],
+    teacher: Teacher,
+    model_folder: Path,
+) -> dict[str, Any]:
+    ids = [e.id for e in examples]
+    fields = {
+        "format_version": tcache.FORMAT_VERSION,
+        "model_sha256": _weights_sha(model_folder),
+        "tokenizer_sha256": _tokenizer_sha(model_folder),
+        "prompt": template.model_dump(),
+        "formulation": cfg.formulation,
+        "layers": layers,
+        "storage_dtype": cfg.storage_dtype,
+        "compute_dtype": str(next(teacher.model.parameters()).dtype),
+        "batch_size": cfg.batch_size,
+        "shard_size": cfg.shard_size,
+        "ids_sha256": tcache.fingerprint({"ids": ids}),
+    }
+    return {
+        "format_version": tcache.FORMAT_VERSION,
+        "fingerprint": tcache.fingerprint(fields),
+        "fields": fields,
+        "model": str(model_folder),
+        "ids": ids,
+        "n_shards": (len(ids) + cfg.shard_size - 1) // cfg.shard_size,
+        "shard_size": cfg.shard_size,
+        "layers": layers,
+        "formulation": cfg.formulation,
+        "kmax": max(e.k for e in examples),
+        "hidden_size": teacher.hidden_size,
+    }
+
+
+def _letter_shard(
+    teacher: Teacher,
+    exs: list[MCQExample],
+    template: PromptTemplate,
+    layers: list[int],
+    kmax: int,
+    bs: int,
+    bar: tqdm,
+) -> dict[str, torch.Tensor]:
+    letter_ids = letter_token_ids(teacher.tokenizer, template, kmax)
+    prompts = [template.letter_prompt(e, teacher.tokenizer) for e in exs]
+    lengths = [len(teacher.tokenizer(p)["input_ids"]) for p in prompts]
+    order = np.argsort(lengths, kind="stable")  # batch by length: little padding
+    hidden = torch.empty(len(exs), len(layers), teacher.hidden_size)
+    scores = torch.full((len(exs), kmax), float("-inf"))
+    for start in range(0, len(exs), bs):
+        idx = order[start : start + bs].tolist()
+        h, logits = extract_letter_batch(teacher, [prompts[i] for i in idx], layers, letter_ids)
+        assert logits is not None
+        hidden[idx] = h
+        scores[idx] = logits
+        bar.update(len(idx))
+    return {"hidden": hidden, "scores": scores}
+
+
+def _option_shard(
+    teacher: Teacher, exs: list[MCQExample], template: PromptTemplate, layers: list[int], kmax: int, bar: tqdm
+) -> dict[str, torch.Tensor]:
+    shape = (len(exs), kmax, len(layers), teacher.hidden_size)
+    hidden, hidden_mean = torch.zeros(shape), torch.zeros(shape)
+    scores = torch.full((len(exs), kmax), float("-inf"))
+    for i, e in enumerate(exs):
+        prefix, conts = template.option_texts(e, teacher.tokenizer)
+        last, mean, s = extract_option_question(teacher, prefix, conts, layers)
+        hidden[i, : e.k], hidden_mean[i, : e.k], scores[i, : e.k] = last, mean, s
+        bar.update(1)
+    return {"hidden": hidden, "hidden_mean": hidden_mean, "scores": scores}
+
+
+def extract_split(
+    teacher: Teacher,
+    model_folder: Path,
+    examples: list[MCQExample],
+    out: Path,
+    cfg: ExtractConfig,
+    *,
+    overwrite: bool = False,
+    desc: str = "extract",
+) -> dict[str, Any]:
+    """Fill (or finish) the cache of one split at `out`; return its summary (teacher accuracy, timings, size)."""
+    template = get_template(cfg.prompt, teacher.tokenizer)
+    layers = resolve_layers(cfg.layers, teacher.num_layers)
+    manifest = _manifest(examples, cfg, template, layers, teacher, model_folder)
+    missing = tcache.open_cache(out, manifest, overwrite=overwrite)
+    kmax, size = manifest["kmax"], cfg.shard_size
+    todo = sum(len(examples[i * size : (i + 1) * size]) for i in missing)
+    t0 = time.perf_counter()
+    with tqdm(total=todo, desc=desc, unit="ex", disable=None) as bar:
+        for i in missing:
+            exs = examples[i * size : (i + 1) * size]
+            if cfg.formulation == "letter":
+                tensors = _letter_shard(teacher, exs, template, layers, kmax, cfg.batch_size, bar)
+            else:
+                tensors = _option_shard(teacher, exs, template, layers, kmax, bar)
+            mask = torch.from_numpy(option_mask(exs, kmax))
+            tensors["scores"] = tensors["scores"].masked_fill(~mask, float("-inf"))
+            tensors |= {"mask": mask.to(torch.uint8), "answers": torch.from_numpy(answers_array(exs))}
+            tcache.write_shard(out, i, [e.id for e in exs], tensors, cfg.storage_dtype)
+    seconds = time.perf_counter() - t0
+    loaded = tcache.load_cache(out)
+    summary = {
+        "n": len(examples),
+        "computed": todo,
+        "seconds": round(seconds, 2),
+        "examples_per_s": round(todo / seconds, 2) if todo and seconds > 0 else None,
+        "teacher_accuracy": loaded.teacher_accuracy(),
+        "cache_bytes": sum(p.stat().st_size for p in out.glob("shard-*.safetensors")),
+        "layers": layers,
+        "formulation": cfg.formulation,
+    }
+    write_json(out / "summary.json", summary)
+    return summary
