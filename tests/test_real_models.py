@@ -1,0 +1,83 @@
+"""Tests with the packaged real models (`make test-real`): conversion is interruptible and exact, extraction on
+real ARC-Easy prompts matches the naive reference, and the demo runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from probekd.data import load_task
+from probekd.data.prompts import get_template
+from probekd.models import zoo
+from probekd.teacher.extract import extract_letter_batch, letter_token_ids, load_teacher, naive_letter_extract
+
+pytestmark = pytest.mark.real
+NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    if not zoo.PACKAGED[NAME].installed():
+        pytest.fail(f"{NAME} is not installed: run `probekd models install {NAME}` (make test-real does)")
+    return zoo.prepare(NAME)
+
+
+def test_interrupted_conversion_is_redone(tmp_path: Path) -> None:
+    env = os.environ | {"PROBEKD_CACHE": str(tmp_path)}
+    exe = [sys.executable, "-m", "probekd", "models", "prepare", NAME]
+    proc = subprocess.Popen(exe, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    time.sleep(8)  # inside the GGUF conversion (it takes 20-60 s)
+    proc.kill()
+    proc.wait()
+    target = zoo.PACKAGED[NAME].target().relative_to(zoo.cache_root())
+    assert not (tmp_path / target / zoo.MARKER).exists()
+    out = subprocess.run(exe, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / target)
+    assert (tmp_path / target / zoo.MARKER).exists()
+    assert not [p for p in (tmp_path / "models").iterdir() if "partial" in p.name]
+    shutil.rmtree(tmp_path / "models")
+
+
+def test_converted_model_matches_gguf(smollm2: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = zoo.PACKAGED[NAME].sources()[0]
+    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    x = tok("Question: Which gas do plants take in?\nAnswer:", return_tensors="pt")
+    with torch.inference_mode():
+        torch.testing.assert_close(model(**x).logits, ref(**x).logits, atol=0, rtol=0)
+    assert zoo.prepare(NAME) == smollm2
+
+
+def test_real_letter_extraction_matches_naive(smollm2: Path) -> None:
+    teacher = load_teacher(str(smollm2), "cpu")
+    tpl = get_template("auto", teacher.tokenizer)
+    exs = load_task("arc_easy").splits["dev"][:6]
+    ids = letter_token_ids(teacher.tokenizer, tpl, 4)
+    assert teacher.tokenizer.convert_ids_to_tokens(ids) == ["A", "B", "C", "D"]
+    prompts = [tpl.letter_prompt(e, teacher.tokenizer) for e in exs]
+    hidden, logits = extract_letter_batch(teacher, prompts, list(range(31)), ids)
+    for i, p in enumerate(prompts):
+        ref_h, ref_logits = naive_letter_extract(teacher, p, ids)
+        torch.testing.assert_close(hidden[i, :-1], ref_h[:-1], atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(logits[i], ref_logits, atol=2e-3, rtol=1e-3)
+
+
+def test_demo_runs(tmp_path: Path, smollm2: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "probekd", "demo", "--out", str(tmp_path / "demo"), "--limit", "8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "demo" / "teacher" / "summary.json")
+    assert "teacher accuracy" in out.stdout
