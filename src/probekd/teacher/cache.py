@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from probekd.atomic import atomic_path, write_json
@@ -128,8 +129,6 @@ def load_cache(folder: Path) -> TeacherCache:
     size = manifest["shard_size"]
     for i in range(manifest["n_shards"]):
         path = shard_path(folder, i)
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             ids = json.loads(f.metadata()["ids"])
         if ids != manifest["ids"][i * size : (i + 1) * size]:
