@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from probekd.atomic import atomic_path, write_json
 from probekd.errors import ProbekdError
@@ -108,8 +108,12 @@ class TeacherCache:
         return float((pred[lab] == self.answers[lab]).mean())
 
 
-def load_cache(folder: Path) -> TeacherCache:
-    """Read a complete split cache; a missing shard or a shard with unexpected ids is an error."""
+def load_cache(folder: Path, *, with_hidden: bool = True) -> TeacherCache:
+    """Read a complete split cache; a missing shard or a shard with unexpected ids is an error.
+
+    `with_hidden=False` skips the hidden states (the bulk of the cache) when only scores and answers are needed;
+    `hidden` is then an empty array.
+    """
     mpath = folder / "manifest.json"
     if not mpath.exists():
         raise ProbekdError(f"no teacher cache at {folder} (manifest.json missing); run probekd extract first")
@@ -131,15 +135,18 @@ def load_cache(folder: Path) -> TeacherCache:
         path = shard_path(folder, i)
         with safe_open(str(path), "pt") as f:
             ids = json.loads(f.metadata()["ids"])
-        if ids != manifest["ids"][i * size : (i + 1) * size]:
-            raise ProbekdError(f"shard {path} holds other example ids than its manifest says; re-extract")
-        for name, t in load_file(str(path)).items():
-            parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
+            if ids != manifest["ids"][i * size : (i + 1) * size]:
+                raise ProbekdError(f"shard {path} holds other example ids than its manifest says; re-extract")
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if not with_hidden and name.startswith("hidden"):
+                    continue
+                t = f.get_tensor(name)
+                parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     return TeacherCache(
         manifest,
         list(manifest["ids"]),
-        cat["hidden"],
+        cat.get("hidden", np.empty((0,), dtype=np.float32)),
         cat["scores"],
         cat["mask"].astype(bool),
         cat["answers"],

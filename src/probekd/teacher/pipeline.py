@@ -170,7 +170,7 @@ def extract_split(
             tensors |= {"mask": mask.to(torch.uint8), "answers": torch.from_numpy(answers_array(exs))}
             tcache.write_shard(out, i, [e.id for e in exs], tensors, cfg.storage_dtype)
     seconds = time.perf_counter() - t0
-    loaded = tcache.load_cache(out)
+    loaded = tcache.load_cache(out, with_hidden=False)
     summary = {
         "n": len(examples),
         "computed": todo,
