@@ -76,3 +76,19 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with letter-formulation teacher caches of 45/20/20 ARC-Easy questions (tiny Llama)."""
+    from probekd.data import load_task
+    from probekd.teacher.extract import load_teacher
+    from probekd.teacher.pipeline import ExtractConfig, extract_split
+
+    run = tmp_path_factory.mktemp("run")
+    teacher = load_teacher(str(tiny_llama_dir), "cpu")
+    task = load_task("arc_easy")
+    cfg = ExtractConfig(formulation="letter", prompt="base", shard_size=16)
+    for split, n in [("train", 45), ("dev", 20), ("test", 20)]:
+        extract_split(teacher, tiny_llama_dir, task.splits[split][:n], run / "teacher" / split, cfg)
+    return run

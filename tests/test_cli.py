@@ -85,3 +85,13 @@ def test_data_tasks_lists_builtins(args: list[str]) -> None:
     out = run(*args).stdout
     for name in ("arc_easy", "arc_challenge", "mmlu", "aqua_rat"):
         assert name in out
+
+
+def test_probe_cli(tiny_run: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_run / "teacher", tmp_path / "teacher")
+    out = run("probe", str(tmp_path), "--folds", "3", "--l2-grid", "0.01,0.1").stdout
+    assert "chosen layer" in out and out.strip().splitlines()[-1].endswith("summary.json")
+    s = json.loads((tmp_path / "probes" / "summary.json").read_text())
+    assert s["config"]["l2_grid"] == [0.01, 0.1]
+    bad = run("probe", str(tmp_path), "--folds", "2", check=False)
+    assert bad.returncode == 2 and "n_folds" in bad.stderr

@@ -65,6 +65,11 @@ def test_batched_letter_gather_equals_unbatched(teacher, side: str) -> None:
     part, none = extract_letter_batch(teacher, prompts, [0, 1], None)
     assert none is None
     torch.testing.assert_close(part, hidden[:, :2])
+    # token ids made beforehand (the pipeline tokenizes once) give the same result as texts
+    tokens = teacher.tokenizer(prompts)["input_ids"]
+    h2, l2 = extract_letter_batch(teacher, tokens, layers, ids)
+    torch.testing.assert_close(h2, hidden, atol=0, rtol=0)
+    torch.testing.assert_close(l2, logits, atol=0, rtol=0)
     teacher.tokenizer.padding_side = "right"
 
 

@@ -191,6 +191,60 @@ def extract(
     _print_table(rows)
 
 
+def _print_probe_summary(s: dict[str, Any], run: Path) -> None:
+    rows = [["layer", "l2", "cv acc", "dev acc", "dev nll"]]
+    for r in s["table"]:
+        mark = " *" if r["layer"] == s["chosen_layer"] else ""
+        rows.append(
+            [
+                f"{r['layer']}{mark}",
+                f"{r['l2']:.2g}",
+                f"{r['cv_accuracy']:.3f}",
+                f"{r['dev_accuracy']:.3f}",
+                f"{r['dev_nll']:.3f}",
+            ]
+        )
+    _print_table(rows)
+    typer.echo(f"\nchosen layer {s['chosen_layer']} (on dev), temperature {s['temperature']:.2f}")
+    rows = [["split", "teacher acc", "probe acc"]]
+    for split, t in s["teacher_accuracy"].items():
+        rows.append([split, f"{t:.3f}", f"{s['probe_accuracy'][split]:.3f}"])
+    _print_table(rows)
+    typer.echo("(probe accuracy on train is out-of-fold)")
+    typer.echo(str(run / "probes" / "summary.json"))
+
+
+@app.command("probe")
+def probe(
+    run: Annotated[
+        Path, typer.Argument(help="Run directory holding teacher/<split>/ caches (train and dev at least).")
+    ],
+    feature: Annotated[
+        str, typer.Option(help="`option` formulation: `last` token state or `mean` over the option.")
+    ] = "last",
+    layers: Annotated[str, typer.Option(help="`all` cached layers, or comma-separated layer numbers.")] = "all",
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds (at least 3).")] = 5,
+    l2_grid: Annotated[str | None, typer.Option(help="Comma-separated L2 strengths to choose from.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the fold assignment.")] = 0,
+    max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per probe at most.")] = 100,
+    overwrite: Annotated[bool, typer.Option(help="Replace probes made from other caches or settings.")] = False,
+) -> None:
+    """Fit one linear probe per layer (cross-fitted, L2 by nested CV), choose the layer on dev, calibrate, plot."""
+    from pydantic import ValidationError
+
+    from probekd.probes.pipeline import ProbeConfig, run_probes
+
+    try:
+        fields: dict[str, Any] = {"feature": feature, "n_folds": folds, "seed": seed, "max_iter": max_iter}
+        fields["layers"] = layers if layers == "all" else [int(x) for x in layers.split(",")]
+        if l2_grid:
+            fields["l2_grid"] = [float(x) for x in l2_grid.split(",")]
+        cfg = ProbeConfig(**fields)
+    except (ValidationError, ValueError) as e:
+        raise ProbekdError(f"bad option: {e}") from e
+    _print_probe_summary(run_probes(run, cfg, overwrite=overwrite), run)
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
@@ -211,6 +265,9 @@ def demo(
 def main() -> None:
     """Entry point: run the CLI; errors caused by input print one line and exit with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from probekd.allocator import reuse_freed_memory
+
+    reuse_freed_memory()
     try:
         app()
     except ProbekdError as e:

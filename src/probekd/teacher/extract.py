@@ -162,14 +162,19 @@ def _softcap(teacher: Teacher, logits: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def extract_letter_batch(
-    teacher: Teacher, prompts: list[str], layers: list[int], letter_ids: list[int] | None
+    teacher: Teacher, prompts: list[str] | list[list[int]], layers: list[int], letter_ids: list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states [B, len(layers), H] at each prompt's last token, and fp32 letter logits [B, K].
 
-    With `letter_ids=None` no logits are computed and the forward pass stops after the deepest requested layer.
+    `prompts` are texts, or token ids already made by the tokenizer (so a caller that tokenized to sort by length
+    does not tokenize twice). With `letter_ids=None` no logits are computed and the forward pass stops after the
+    deepest requested layer.
     """
     tok = teacher.tokenizer
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    if prompts and not isinstance(prompts[0], str):
+        enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    else:
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
     mask = enc["attention_mask"].to(teacher.device)
     ids = enc["input_ids"].to(teacher.device)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)

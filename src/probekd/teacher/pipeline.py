@@ -112,13 +112,13 @@ def _letter_shard(
 ) -> dict[str, torch.Tensor]:
     letter_ids = letter_token_ids(teacher.tokenizer, template, kmax)
     prompts = [template.letter_prompt(e, teacher.tokenizer) for e in exs]
-    lengths = [len(teacher.tokenizer(p)["input_ids"]) for p in prompts]
-    order = np.argsort(lengths, kind="stable")  # batch by length: little padding
+    tokens = teacher.tokenizer(prompts)["input_ids"]  # tokenized once, here
+    order = np.argsort([len(t) for t in tokens], kind="stable")  # batch by length: little padding
     hidden = torch.empty(len(exs), len(layers), teacher.hidden_size)
     scores = torch.full((len(exs), kmax), float("-inf"))
     for start in range(0, len(exs), bs):
         idx = order[start : start + bs].tolist()
-        h, logits = extract_letter_batch(teacher, [prompts[i] for i in idx], layers, letter_ids)
+        h, logits = extract_letter_batch(teacher, [tokens[i] for i in idx], layers, letter_ids)
         assert logits is not None
         hidden[idx] = h
         scores[idx] = logits

@@ -1,0 +1,246 @@
+"""The probe stage: teacher caches in, `RUN/probes/` out (per-layer table, chosen layer, weights, probabilities, plot).
+
+`RUN/probes/` holds, written together (into a scratch folder, then renamed, so it is complete or absent):
+- `summary.json`: fingerprint, config, chosen layer, temperature, teacher and probe accuracy per split, the table;
+- `layers.csv`: per layer: L2 strength, cross-validated train accuracy and log-loss, validation accuracy and log-loss;
+- `<split>.npz`: `ids`, `probs` [N, K] (chosen layer, calibrated; out-of-fold for labelled training rows),
+  `layer_logits` [L, N, K] (every layer, uncalibrated), `mask`, `answers`;
+- `weights.safetensors`: each layer's full-data probe (standardized space) with its feature mean and scale;
+- `layers.png`: probe accuracy by layer with the teacher's own accuracy as a horizontal line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
+
+from probekd.atomic import atomic_path
+from probekd.errors import ProbekdError
+from probekd.probes.calibrate import fit_temperature
+from probekd.probes.crossfit import DEFAULT_L2_GRID, crossfit, held_out_nll
+from probekd.probes.select import choose_layer
+from probekd.report.plots import plot_layers
+from probekd.teacher.cache import TeacherCache, fingerprint, load_cache
+
+log = logging.getLogger(__name__)
+
+
+class ProbeConfig(BaseModel):
+    """How the probes are fitted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feature: Literal["last", "mean"] = Field(
+        "last", description="`option` formulation: the state at the option's last token, or the mean over its tokens."
+    )
+    layers: str | list[int] = Field("all", description="`all` cached layers, or a list of layer numbers.")
+    n_folds: int = Field(5, ge=3, description="Cross-fitting folds (nested CV chooses each fold's L2 strength).")
+    l2_grid: list[float] = Field(
+        list(DEFAULT_L2_GRID), min_length=1, description="L2 strengths tried (on the mean loss)."
+    )
+    seed: int = Field(0, description="Decides the folds (with the example ids).")
+    max_iter: int = Field(100, ge=1, description="L-BFGS iterations per probe at most.")
+    tol: float = Field(1e-4, gt=0, description="Stop when the gradient's max-norm is below this.")
+
+
+def _splits(run: Path) -> dict[str, Path]:
+    root = run / "teacher"
+    found = {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.json"))}
+    for need in ("train", "dev"):
+        if need not in found:
+            raise ProbekdError(
+                f"no teacher cache for split {need!r} under {root}; run `probekd extract` with --splits including it"
+            )
+    return found
+
+
+def _check_same_teacher(caches: dict[str, TeacherCache]) -> None:
+    ref_split, ref = next(iter(caches.items()))
+    a = {k: v for k, v in ref.manifest["fields"].items() if k != "ids_sha256"}
+    for split, c in caches.items():
+        b = {k: v for k, v in c.manifest["fields"].items() if k != "ids_sha256"}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if diff:
+            raise ProbekdError(
+                f"teacher caches of splits {ref_split!r} and {split!r} were made differently (differ in: "
+                f"{', '.join(diff)}); re-extract them with the same settings"
+            )
+
+
+def _features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, mask) with X [G, N, H] (letter) or [G, N, K, H] (option), options padded to kmax."""
+    mask = np.zeros((len(c.ids), kmax), dtype=bool)
+    mask[:, : c.mask.shape[1]] = c.mask
+    if c.manifest["formulation"] == "letter":
+        X = np.ascontiguousarray(c.hidden[:, layer_idx].transpose(1, 0, 2))
+        return torch.from_numpy(X), torch.from_numpy(mask)
+    h = c.hidden_mean if feature == "mean" else c.hidden
+    assert h is not None
+    X = np.zeros((len(layer_idx), len(c.ids), kmax, h.shape[-1]), dtype=np.float32)
+    X[:, :, : h.shape[1]] = h[:, :, layer_idx].transpose(2, 0, 1, 3)
+    return torch.from_numpy(X), torch.from_numpy(mask)
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    lab = y >= 0
+    return float((logits[lab].argmax(-1) == y[lab]).float().mean()) if bool(lab.any()) else float("nan")
+
+
+def _table_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def existing_summary(run: Path) -> dict[str, Any] | None:
+    path = run / "probes" / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Fit, choose, calibrate and write the probes of run directory `run`; return the summary.
+
+    A finished probe stage with the same fingerprint is returned as is; one made from other inputs is refused
+    unless `overwrite`.
+    """
+    split_dirs = _splits(run)
+    manifests = {s: json.loads((d / "manifest.json").read_text()) for s, d in split_dirs.items()}
+    fp = fingerprint({"teacher": {s: m["fingerprint"] for s, m in manifests.items()}, "config": cfg.model_dump()})
+    old = existing_summary(run)
+    if old is not None and not overwrite:
+        if old.get("fingerprint") == fp:
+            log.info("probes at %s are up to date", run / "probes")
+            return old
+        raise ProbekdError(
+            f"{run / 'probes'} was made from other teacher caches or probe settings; pass --overwrite to replace it"
+        )
+    t0 = time.perf_counter()
+    caches = {s: load_cache(d) for s, d in split_dirs.items()}
+    _check_same_teacher(caches)
+    train, dev = caches["train"], caches["dev"]
+    formulation = train.manifest["formulation"]
+    kind = "multinomial" if formulation == "letter" else "conditional"
+    cached_layers = train.layers
+    if cfg.layers == "all":
+        layers = cached_layers
+    else:
+        assert isinstance(cfg.layers, list)
+        missing = [x for x in cfg.layers if x not in cached_layers]
+        if missing:
+            raise ProbekdError(f"layers {missing} are not in the teacher cache (it has {cached_layers})")
+        layers = list(cfg.layers)
+    layer_idx = [cached_layers.index(x) for x in layers]
+    kmax = max(c.mask.shape[1] for c in caches.values())
+    if not (dev.answers >= 0).any():
+        raise ProbekdError("the dev split has no labels; the probe stage needs them to choose the layer and calibrate")
+    X, mask = _features(train, layer_idx, cfg.feature, kmax)
+    y = torch.from_numpy(train.answers).long()
+    log.info(
+        "fitting %s probes: %d layers x %d training rows (%d labelled)", kind, len(layers), len(y), int((y >= 0).sum())
+    )
+    res = crossfit(
+        X,
+        y,
+        mask,
+        train.ids,
+        kind,
+        n_folds=cfg.n_folds,
+        l2_grid=tuple(cfg.l2_grid),
+        seed=cfg.seed,
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+    )
+    del X
+    layer_logits = {"train": res.train_logits}
+    for split, c in caches.items():
+        if split != "train":
+            Xs, ms = _features(c, layer_idx, cfg.feature, kmax)
+            layer_logits[split] = res.predict_logits(Xs, ms)
+    y_dev = torch.from_numpy(dev.answers).long()
+    lab_dev = y_dev >= 0
+    dev_acc = (layer_logits["dev"][:, lab_dev].argmax(-1) == y_dev[lab_dev]).float().mean(1)
+    dev_nll = held_out_nll(layer_logits["dev"][:, lab_dev], y_dev[lab_dev][None].expand(len(layers), -1)).mean(1)
+    best = choose_layer(dev_acc.numpy(), dev_nll.numpy())
+    temperature = fit_temperature(layer_logits["dev"][best][lab_dev], y_dev[lab_dev])
+    table = [
+        {
+            "layer": layer,
+            "l2": float(res.full_l2[i]),
+            "cv_accuracy": round(float(res.cv_accuracy[i]), 4),
+            "cv_nll": round(float(res.cv_nll[i]), 4),
+            "dev_accuracy": round(float(dev_acc[i]), 4),
+            "dev_nll": round(float(dev_nll[i]), 4),
+        }
+        for i, layer in enumerate(layers)
+    ]
+    teacher_acc = {s: c.teacher_accuracy() for s, c in caches.items()}
+    probe_acc = {}
+    for s, c in caches.items():
+        probe_acc[s] = _accuracy(layer_logits[s][best], torch.from_numpy(c.answers).long())
+    chance = float(np.mean(1.0 / dev.mask.sum(1)))
+    summary: dict[str, Any] = {
+        "fingerprint": fp,
+        "config": cfg.model_dump(),
+        "formulation": formulation,
+        "kind": kind,
+        "layers": layers,
+        "chosen_layer": layers[best],
+        "temperature": temperature,
+        "teacher_accuracy": teacher_acc,
+        "probe_accuracy": probe_acc,
+        "probe_accuracy_note": "chosen layer; train = out-of-fold (cross-fitted)",
+        "chance_dev": chance,
+        "not_converged": res.not_converged,
+        "table": table,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    out = run / "probes"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for s, c in caches.items():
+            logits = layer_logits[s]
+            probs = torch.softmax(logits[best] / temperature, -1)
+            np.savez(
+                tmp / f"{s}.npz",
+                ids=np.array(c.ids),
+                probs=probs.numpy().astype(np.float32),
+                layer_logits=logits.numpy().astype(np.float32),
+                mask=np.isfinite(logits[best].numpy()),
+                answers=c.answers,
+                folds=res.folds if s == "train" else np.full(len(c.ids), -1),
+            )
+        tensors = {"coef": res.full.coef[:, 0], "mean": res.standardizer.mean, "scale": res.standardizer.scale}
+        if res.full.intercept is not None:
+            tensors["intercept"] = res.full.intercept[:, 0]
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp / "weights.safetensors"),
+            metadata={"kind": kind, "layers": json.dumps(layers), "temperature": str(temperature)},
+        )
+        (tmp / "layers.csv").write_text(_table_csv(table))
+        plot_layers(
+            tmp / "layers.png",
+            layers,
+            {
+                "probe, cross-validated train": [r["cv_accuracy"] for r in table],
+                "probe, dev": [r["dev_accuracy"] for r in table],
+            },
+            teacher=teacher_acc["dev"],
+            chance=chance,
+            chosen=layers[best],
+            title=f"{kind} probes ({formulation} formulation), teacher {Path(train.manifest['model']).name}",
+        )
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

@@ -1,0 +1,44 @@
+"""PNG plots (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from probekd.atomic import atomic_path
+
+
+def plot_layers(
+    path: Path,
+    layers: list[int],
+    curves: dict[str, list[float]],
+    *,
+    teacher: float | None,
+    chance: float | None,
+    chosen: int | None,
+    title: str,
+) -> None:
+    """Probe accuracy by layer, one line per curve, the teacher's own accuracy and chance as horizontal lines,
+    and the chosen layer marked."""
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for name, ys in curves.items():
+        ax.plot(layers, ys, marker="o", markersize=3, label=name)
+    if teacher is not None:
+        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"teacher's own answer ({teacher:.3f})")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3f})")
+    if chosen is not None:
+        ax.axvline(chosen, color="tab:red", alpha=0.3, linewidth=6, label=f"chosen layer ({chosen})")
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
