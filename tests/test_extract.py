@@ -26,6 +26,7 @@ from probekd.teacher.extract import (
     load_teacher,
     naive_letter_extract,
     resolve_layers,
+    shared_prefix,
 )
 from probekd.teacher.pipeline import ExtractConfig, extract_split
 
@@ -70,6 +71,16 @@ def test_batched_letter_gather_equals_unbatched(teacher, side: str) -> None:
     h2, l2 = extract_letter_batch(teacher, tokens, layers, ids)
     torch.testing.assert_close(h2, hidden, atol=0, rtol=0)
     torch.testing.assert_close(l2, logits, atol=0, rtol=0)
+    # the shared prefix (the instructions) from its cache, only the rest run: the same states and logits
+    prefix = shared_prefix(teacher, tokens, min_len=1)
+    assert prefix is not None and len(prefix.ids) > 5
+    h3, l3 = extract_letter_batch(teacher, tokens, layers, ids, prefix)
+    torch.testing.assert_close(h3, hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(l3, logits, atol=1e-5, rtol=1e-4)
+    h4, _ = extract_letter_batch(teacher, tokens, [0, 1], None, prefix)  # stopped early, cache discarded
+    torch.testing.assert_close(h4, hidden[:, :2], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="start with it"):
+        extract_letter_batch(teacher, [t[1:] for t in tokens], layers, ids, prefix)
     teacher.tokenizer.padding_side = "right"
 
 

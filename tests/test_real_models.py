@@ -75,10 +75,11 @@ def test_real_letter_extraction_matches_naive(smollm2: Path) -> None:
 
 def test_demo_runs(tmp_path: Path, smollm2: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "probekd", "demo", "--out", str(tmp_path / "demo"), "--limit", "8"],
+        [sys.executable, "-m", "probekd", "demo", "--out", str(tmp_path / "demo"), "--limit", "20"],
         capture_output=True,
         text=True,
         check=True,
     )
-    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "demo" / "teacher" / "summary.json")
-    assert "teacher accuracy" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "demo" / "probes" / "summary.json")
+    assert "teacher accuracy" in out.stdout and "chosen layer" in out.stdout
+    assert (tmp_path / "demo" / "probes" / "layers.png").exists()

@@ -252,6 +252,7 @@ def demo(
     teacher: Annotated[str, typer.Option(help="Teacher model.")] = "smollm2-135m-instruct",
 ) -> None:
     """The embedded default: a real small teacher on a real ARC-Easy subset, on CPU in minutes."""
+    from probekd.probes.pipeline import ProbeConfig, run_probes
     from probekd.teacher.pipeline import ExtractConfig
 
     cfg = ExtractConfig(formulation="option", storage_dtype="float16")
@@ -259,7 +260,15 @@ def demo(
     typer.echo(f"\nteacher {teacher} on ARC-Easy ({limit} questions a split, option formulation):")
     for split, s in summaries.items():
         typer.echo(f"  {split}: teacher accuracy {s['teacher_accuracy']:.3f} (chance ~0.25)")
-    typer.echo(str(out / "teacher" / "summary.json"))
+    probes = run_probes(out, ProbeConfig())
+    dev_row = next(r for r in probes["table"] if r["layer"] == probes["chosen_layer"])
+    typer.echo(
+        f"probes: chosen layer {probes['chosen_layer']} of {len(probes['layers']) - 1}, dev accuracy "
+        f"{dev_row['dev_accuracy']:.3f} vs the teacher's own {probes['teacher_accuracy']['dev']:.3f}; "
+        f"train out-of-fold {probes['probe_accuracy']['train']:.3f}"
+    )
+    typer.echo(f"layer curve: {out / 'probes' / 'layers.png'}")
+    typer.echo(str(out / "probes" / "summary.json"))
 
 
 def main() -> None:

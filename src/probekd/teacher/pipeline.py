@@ -23,6 +23,7 @@ from probekd.teacher.extract import (
     extract_option_question,
     letter_token_ids,
     resolve_layers,
+    shared_prefix,
 )
 
 log = logging.getLogger(__name__)
@@ -114,11 +115,12 @@ def _letter_shard(
     prompts = [template.letter_prompt(e, teacher.tokenizer) for e in exs]
     tokens = teacher.tokenizer(prompts)["input_ids"]  # tokenized once, here
     order = np.argsort([len(t) for t in tokens], kind="stable")  # batch by length: little padding
+    prefix = shared_prefix(teacher, tokens)  # the chat header and instructions: computed once per shard
     hidden = torch.empty(len(exs), len(layers), teacher.hidden_size)
     scores = torch.full((len(exs), kmax), float("-inf"))
     for start in range(0, len(exs), bs):
         idx = order[start : start + bs].tolist()
-        h, logits = extract_letter_batch(teacher, [tokens[i] for i in idx], layers, letter_ids)
+        h, logits = extract_letter_batch(teacher, [tokens[i] for i in idx], layers, letter_ids, prefix)
         assert logits is not None
         hidden[idx] = h
         scores[idx] = logits
