@@ -121,41 +121,38 @@ def fit_batched(
             )
         return per_col["w"], per_col["w_nks"], per_col["onehot_w"], per_col["lam"]
 
+    def loss_and_residual(z: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From logits z [G, N, K, Q]: the weighted mean NLL [G, Q], the residual (p - onehot) * weight
+        [G, N, K, Q] (d loss / d z), and the problems' L2 strengths [1, 1, Q]."""
+        wq, w_q, ow_q, lam_q = columns(cols)
+        if masked:
+            z.masked_fill_(~mask[None, :, :, None], float("-inf"))
+        logp = torch.log_softmax(z, 2)
+        nll = -logp.gather(2, y_k.expand(G, N, 1, z.shape[3]))[:, :, 0]  # [G, N, Q]
+        return torch.einsum("gnq,qn->gq", nll, wq), logp.exp_().mul_(w_q).sub_(ow_q), lam_q
+
     # Parameters are laid out [G, M, S] (problems last) so that both matmuls read them without copies.
     if kind == "multinomial":
         Xt = X.transpose(1, 2).contiguous()  # [G, D, N]
         M = D * K + K
 
         def fun(theta: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            wq, w_q, ow_q, lam_q = columns(cols)
             Q = theta.shape[2]
             W = theta[:, : D * K]  # [G, D*K, Q], i.e. [G, D, K, Q]
-            b = theta[:, D * K :]  # [G, K, Q]
-            z = torch.bmm(X, W.reshape(G, D, K * Q)).view(G, N, K, Q) + b[:, None]
-            if masked:
-                z.masked_fill_(~mask[None, :, :, None], float("-inf"))
-            logp = torch.log_softmax(z, 2)
-            nll = -logp.gather(2, y_k.expand(G, N, 1, Q))[:, :, 0]  # [G, N, Q]
-            f = torch.einsum("gnq,qn->gq", nll, wq) + 0.5 * lam_q[0] * torch.linalg.vecdot(W, W, dim=1)
-            R = logp.exp_().mul_(w_q).sub_(ow_q)  # (p - onehot) * weight: [G, N, K, Q]
+            z = torch.bmm(X, W.reshape(G, D, K * Q)).view(G, N, K, Q) + theta[:, D * K :][:, None]
+            f, R, lam_q = loss_and_residual(z, cols)
             dW = torch.bmm(Xt, R.view(G, N, K * Q)).view(G, D * K, Q).addcmul_(W, lam_q)
-            return f, torch.cat([dW, R.sum(1)], 1)
+            return f + 0.5 * lam_q[0] * torch.linalg.vecdot(W, W, dim=1), torch.cat([dW, R.sum(1)], 1)
     else:
         Xf = X.reshape(G, N * K, D)
         Xft = Xf.transpose(1, 2).contiguous()  # [G, D, N*K]
         M = D
 
         def fun(theta: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            wq, w_q, ow_q, lam_q = columns(cols)
             Q = theta.shape[2]
-            z = torch.bmm(Xf, theta).view(G, N, K, Q)  # theta: [G, D, Q]
-            if masked:
-                z.masked_fill_(~mask[None, :, :, None], float("-inf"))
-            logp = torch.log_softmax(z, 2)
-            nll = -logp.gather(2, y_k.expand(G, N, 1, Q))[:, :, 0]  # [G, N, Q]
-            f = torch.einsum("gnq,qn->gq", nll, wq) + 0.5 * lam_q[0] * torch.linalg.vecdot(theta, theta, dim=1)
-            R = logp.exp_().mul_(w_q).sub_(ow_q)  # (p - onehot) * weight: [G, N, K, Q]
-            return f, torch.bmm(Xft, R.view(G, N * K, Q)).addcmul_(theta, lam_q)
+            f, R, lam_q = loss_and_residual(torch.bmm(Xf, theta).view(G, N, K, Q), cols)  # theta: [G, D, Q]
+            dW = torch.bmm(Xft, R.view(G, N * K, Q)).addcmul_(theta, lam_q)
+            return f + 0.5 * lam_q[0] * torch.linalg.vecdot(theta, theta, dim=1), dW
 
     if init is None:
         theta0 = torch.zeros(G, M, S, dtype=X.dtype)
