@@ -105,6 +105,10 @@ def test_demo_code_path_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) ->
     assert "chosen layer" in out and lines[-2].endswith("layers.png")
     s = json.loads(Path(lines[-1]).read_text())
     assert s["formulation"] == "option" and s["kind"] == "conditional" and s["layers"] == [0, 1, 2]
+    # the mean-over-option feature is a probe option of option caches
+    mean = run("probe", str(tmp_path / "demo"), "--feature", "mean", "--overwrite").stdout
+    assert json.loads(Path(mean.strip().splitlines()[-1]).read_text())["config"]["feature"] == "mean"
+    run("probe", str(tmp_path / "demo"), "--overwrite")  # back to the demo's settings
     # a second run reuses the caches and the probes
     again = run("demo", "--teacher", str(tiny_llama_dir), "--limit", "20", "--out", str(tmp_path / "demo")).stdout
     assert again.splitlines()[-3:] == lines[-3:]

@@ -85,7 +85,8 @@ def _features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) ->
         X = np.ascontiguousarray(c.hidden[:, layer_idx].transpose(1, 0, 2))
         return torch.from_numpy(X), torch.from_numpy(mask)
     h = c.hidden_mean if feature == "mean" else c.hidden
-    assert h is not None
+    if h is None or h.ndim != 4:
+        raise ProbekdError(f"the teacher cache has no {'hidden_mean' if feature == 'mean' else 'hidden'} states")
     X = np.zeros((len(layer_idx), len(c.ids), kmax, h.shape[-1]), dtype=np.float32)
     X[:, :, : h.shape[1]] = h[:, :, layer_idx].transpose(2, 0, 1, 3)
     return torch.from_numpy(X), torch.from_numpy(mask)
@@ -127,7 +128,10 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
             f"{run / 'probes'} was made from other teacher caches or probe settings; pass --overwrite to replace it"
         )
     t0 = time.perf_counter()
-    caches = {s: load_cache(d) for s, d in split_dirs.items()}
+    skip: tuple[str, ...] = ()
+    if manifests["train"].get("formulation") == "option":  # read only the feature used
+        skip = ("hidden",) if cfg.feature == "mean" else ("hidden_mean",)
+    caches = {s: load_cache(d, skip=skip) for s, d in split_dirs.items()}
     _check_same_teacher(caches)
     train, dev = caches["train"], caches["dev"]
     formulation = train.manifest["formulation"]

@@ -108,11 +108,11 @@ class TeacherCache:
         return float((pred[lab] == self.answers[lab]).mean())
 
 
-def load_cache(folder: Path, *, with_hidden: bool = True) -> TeacherCache:
+def load_cache(folder: Path, *, with_hidden: bool = True, skip: tuple[str, ...] = ()) -> TeacherCache:
     """Read a complete split cache; a missing shard or a shard with unexpected ids is an error.
 
     `with_hidden=False` skips the hidden states (the bulk of the cache) when only scores and answers are needed;
-    `hidden` is then an empty array.
+    `hidden` is then an empty array. `skip` names other tensors not to read (e.g. `hidden_mean`).
     """
     mpath = folder / "manifest.json"
     if not mpath.exists():
@@ -138,7 +138,7 @@ def load_cache(folder: Path, *, with_hidden: bool = True) -> TeacherCache:
             if ids != manifest["ids"][i * size : (i + 1) * size]:
                 raise ProbekdError(f"shard {path} holds other example ids than its manifest says; re-extract")
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if not with_hidden and name.startswith("hidden"):
+                if (not with_hidden and name.startswith("hidden")) or name in skip:
                     continue
                 t = f.get_tensor(name)
                 parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
