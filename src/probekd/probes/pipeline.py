@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -244,7 +245,8 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
             teacher=teacher_acc["dev"],
             chance=chance,
             chosen=layers[best],
-            title=f"{kind} probes ({formulation} formulation), teacher {Path(train.manifest['model']).name}",
+            title=f"{kind} probes ({formulation} formulation), teacher "
+            + re.sub(r"-[0-9a-f]{12}$", "", Path(train.manifest["model"]).name),
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
