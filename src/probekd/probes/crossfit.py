@@ -95,7 +95,8 @@ def crossfit(
     folds[labelled] = fold_ids([i for i, lab in zip(ids, labelled, strict=True) if lab], n_folds, seed)
     F, C = n_folds, len(l2_grid)
     pairs = list(itertools.combinations(range(F), 2))
-    # Problem s: (role, fold-set left out, grid index). Weights: uniform over the rows it trains on.
+    # Model m leaves out the folds left_out[m] (pairs, then single folds, then none = the full model); its
+    # weights are uniform over the labelled rows it trains on.
     left_out: list[tuple[int, ...]] = [*pairs, *[(f,) for f in range(F)], ()]
     n_models = len(left_out)
     in_fold = torch.stack([torch.from_numpy(folds == f) for f in range(F)])  # [F, N]
