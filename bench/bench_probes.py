@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.model_selection import PredefinedSplit
 from sklearn.preprocessing import StandardScaler
@@ -74,6 +75,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.9's notices about LogisticRegressionCV
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)  # max_iter=100 on both sides, by design
     if args.run:
         (Xtr, ytr, mask, Xdv, ydv), ids = from_run(args.run, args.layers_every)
         source = f"teacher cache {args.run}"
