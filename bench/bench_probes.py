@@ -31,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probekd.allocator import reuse_freed_memory
 from probekd.probes.crossfit import DEFAULT_L2_GRID, crossfit
+from probekd.probes.pipeline import layer_features
 from probekd.teacher.cache import load_cache
 
 
@@ -55,15 +56,9 @@ def from_run(run: Path, layers_every: int):
         raise SystemExit("the sklearn baseline is multinomial: give a run with a letter-formulation cache")
     keep = list(range(0, tr.hidden.shape[1], layers_every))
     k = max(tr.mask.shape[1], dv.mask.shape[1])
-    mask = np.zeros((len(tr.ids), k), dtype=bool)
-    mask[:, : tr.mask.shape[1]] = tr.mask
-    return (
-        tr.hidden[:, keep].transpose(1, 0, 2).copy(),
-        tr.answers,
-        mask,
-        dv.hidden[:, keep].transpose(1, 0, 2).copy(),
-        dv.answers,
-    ), tr.ids
+    Xtr, mask = layer_features(tr, keep, "last", k)  # exactly what the probe stage fits on
+    Xdv, _ = layer_features(dv, keep, "last", k)
+    return (Xtr.numpy(), tr.answers, mask.numpy(), Xdv.numpy(), dv.answers), tr.ids
 
 
 def main() -> None:

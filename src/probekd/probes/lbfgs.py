@@ -79,7 +79,8 @@ def minimize(
     rho = torch.zeros(history, *f.shape, dtype=x.dtype, device=x.device)
     gamma = 1.0 / g.norm(dim=1).clamp_min(1e-30)  # initial inverse-Hessian scale per problem
     n_iter = torch.zeros(f.shape, dtype=torch.long, device=x.device)
-    active = g.abs().amax(1) > gtol
+    gmax = g.abs().amax(1)  # gradient max-norm per problem, kept in step with g
+    active = gmax > gtol
     converged = ~active
     for it in range(max_iter):
         if not active.any():
@@ -90,6 +91,7 @@ def minimize(
             x_out[:, :, cols[done]], f_out[:, cols[done]] = x[:, :, done], f[:, done]
             cols = cols[live]
             x, f, g, gamma, active = x[:, :, live], f[:, live], g[:, :, live], gamma[:, live], active[:, live]
+            gmax = gmax[:, live]
             S, Y, rho = S[:, :, :, live], Y[:, :, :, live], rho[:, :, live]
         q = g.clone()
         alphas = []
@@ -117,7 +119,6 @@ def minimize(
         x_new = torch.addcmul(x, _e(t), d)  # problems not running have d = 0: this is their x
         f_new, g_new = fun(x_new, cols)
         n_evals += 1
-        gmax = g.abs().amax(1)
         pending = active & ~accept(f_new, g_new, f, gmax, t * gd)
         for _ls in range(max_backtracks):
             if not pending.any():
@@ -153,7 +154,8 @@ def minimize(
         small_gain = moved & ((f - f_new) <= ftol * torch.maximum(f.abs(), f_new.abs()).clamp_min(1.0))
         x, f, g = x_new, f_new, g_new
         n_iter[:, cols] += active.long()
-        gconv = g.abs().amax(1) <= gtol
+        gmax = g.abs().amax(1)
+        gconv = gmax <= gtol
         converged[:, cols] |= active & gconv
         active = active & ~gconv & ~stuck & ~small_gain
     x_out[:, :, cols], f_out[:, cols] = x, f

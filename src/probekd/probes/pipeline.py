@@ -31,7 +31,7 @@ from probekd.probes.calibrate import fit_temperature
 from probekd.probes.crossfit import DEFAULT_L2_GRID, crossfit, held_out_nll
 from probekd.probes.select import choose_layer
 from probekd.report.plots import plot_layers
-from probekd.teacher.cache import TeacherCache, fingerprint, load_cache
+from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint, load_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,8 @@ def _splits(run: Path) -> dict[str, Path]:
 
 def _check_same_teacher(caches: dict[str, TeacherCache]) -> None:
     ref_split, ref = next(iter(caches.items()))
-    a = {k: v for k, v in ref.manifest["fields"].items() if k != "ids_sha256"}
     for split, c in caches.items():
-        b = {k: v for k, v in c.manifest["fields"].items() if k != "ids_sha256"}
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff = [k for k in differing_fields(ref.manifest["fields"], c.manifest["fields"]) if k != "ids_sha256"]
         if diff:
             raise ProbekdError(
                 f"teacher caches of splits {ref_split!r} and {split!r} were made differently (differ in: "
@@ -78,8 +76,9 @@ def _check_same_teacher(caches: dict[str, TeacherCache]) -> None:
             )
 
 
-def _features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, mask) with X [G, N, H] (letter) or [G, N, K, H] (option), options padded to kmax."""
+def layer_features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, mask) of cached layers `layer_idx` (indices into the cache's layers): X [G, N, H] (letter) or
+    [G, N, K, H] (option, `feature` last or mean), options padded to kmax."""
     mask = np.zeros((len(c.ids), kmax), dtype=bool)
     mask[:, : c.mask.shape[1]] = c.mask
     if c.manifest["formulation"] == "letter":
@@ -150,7 +149,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
     kmax = max(c.mask.shape[1] for c in caches.values())
     if not (dev.answers >= 0).any():
         raise ProbekdError("the dev split has no labels; the probe stage needs them to choose the layer and calibrate")
-    X, mask = _features(train, layer_idx, cfg.feature, kmax)
+    X, mask = layer_features(train, layer_idx, cfg.feature, kmax)
     y = torch.from_numpy(train.answers).long()
     log.info(
         "fitting %s probes: %d layers x %d training rows (%d labelled)", kind, len(layers), len(y), int((y >= 0).sum())
@@ -171,7 +170,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
     layer_logits = {"train": res.train_logits}
     for split, c in caches.items():
         if split != "train":
-            Xs, ms = _features(c, layer_idx, cfg.feature, kmax)
+            Xs, ms = layer_features(c, layer_idx, cfg.feature, kmax)
             layer_logits[split] = res.predict_logits(Xs, ms)
     y_dev = torch.from_numpy(dev.answers).long()
     lab_dev = y_dev >= 0

@@ -40,6 +40,11 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The sorted keys whose values differ between two fingerprint field sets (missing counts as different)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def shard_path(folder: Path, i: int) -> Path:
     return folder / f"shard-{i:05d}.safetensors"
 
@@ -55,8 +60,7 @@ def open_cache(folder: Path, manifest: dict[str, Any], *, overwrite: bool = Fals
         old = json.loads(mpath.read_text())
         if old.get("fingerprint") != manifest["fingerprint"]:
             if not overwrite:
-                a, b = old.get("fields", {}), manifest["fields"]
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                diff = differing_fields(old.get("fields", {}), manifest["fields"])
                 raise CacheMismatchError(
                     f"the teacher cache at {folder} was made with different inputs (differs in: {', '.join(diff)}); "
                     "use another --out, or pass --overwrite to replace it"
