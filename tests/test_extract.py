@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from probekd.data.examples import MCQExample
@@ -22,6 +24,7 @@ from probekd.teacher import cache as tcache
 from probekd.teacher.extract import (
     extract_letter_batch,
     extract_option_question,
+    length_batches,
     letter_token_ids,
     load_teacher,
     naive_letter_extract,
@@ -102,6 +105,31 @@ def test_option_kv_reuse_equals_full_sequences(teacher) -> None:
         logp = torch.log_softmax(out.logits[0].float(), -1)
         ll = sum(logp[len(pre) - 1 + t, cid[t]].item() for t in range(len(cid))) / len(cid)
         assert scores[j].item() == pytest.approx(ll, abs=1e-4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 300), max_size=60),
+    st.integers(1, 20),
+    st.sampled_from([0.0, 0.05, 0.1, 0.5]),
+)
+def test_length_batches_partition_and_bounds(lengths: list[int], max_size: int, max_padding: float) -> None:
+    batches = length_batches(lengths, max_size, max_padding)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every index exactly once
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths)  # shortest first, so neighbours have similar lengths
+    for b in batches:
+        real = [lengths[i] for i in b]
+        assert 1 <= len(b) <= max_size
+        assert len(b) == 1 or len(b) * max(real) <= (1 + max_padding) * sum(real) + 1e-9
+
+
+def test_length_batches_examples() -> None:
+    assert length_batches([5, 5, 5, 5, 5], 2) == [[0, 1], [2, 3], [4]]
+    assert length_batches([10, 30, 10, 11], 8) == [[0, 2, 3], [1]]  # 3 x 30 pads 51 real tokens to 90: split
+    assert length_batches([10, 30, 10, 11], 8, max_padding=1.0) == [[0, 2, 3, 1]]
+    with pytest.raises(ValueError, match="max_size"):
+        length_batches([1], 0)
 
 
 def test_layer_and_letter_errors(teacher) -> None:

@@ -190,6 +190,30 @@ def shared_prefix(teacher: Teacher, tokens: list[list[int]], min_len: int = 8) -
     return SharedPrefix(common, cache)
 
 
+def length_batches(lengths: list[int], max_size: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices into `lengths` grouped into batches of similar length, shortest first.
+
+    A batch holds at most `max_size` sequences and ends early when padding to its longest member would add more
+    than `max_padding` (a fraction of its real tokens): on a few hundred prompts fixed chunks of 16 waste a few
+    percent, on a few dozen up to a third, while small batches cost this CPU little (a 576 x 1536 matmul on 55 rows
+    runs at 70% of the speed it reaches on 880)."""
+    if max_size < 1 or max_padding < 0:
+        raise ValueError(f"need max_size >= 1 and max_padding >= 0, got {max_size}, {max_padding}")
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]  # the longest so far: sorted ascending
+        if cur and (len(cur) >= max_size or (len(cur) + 1) * n > (1 + max_padding) * (real + n)):
+            batches.append(cur)
+            cur, real = [], 0
+        cur.append(i)
+        real += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 @torch.inference_mode()
 def extract_letter_batch(
     teacher: Teacher,
@@ -326,6 +350,7 @@ __all__ = [
     "Teacher",
     "extract_letter_batch",
     "extract_option_question",
+    "length_batches",
     "letter_token_ids",
     "load_teacher",
     "naive_letter_extract",

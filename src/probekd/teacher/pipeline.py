@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
@@ -21,6 +20,7 @@ from probekd.teacher.extract import (
     Teacher,
     extract_letter_batch,
     extract_option_question,
+    length_batches,
     letter_token_ids,
     resolve_layers,
     shared_prefix,
@@ -114,12 +114,10 @@ def _letter_shard(
     letter_ids = letter_token_ids(teacher.tokenizer, template, kmax)
     prompts = [template.letter_prompt(e, teacher.tokenizer) for e in exs]
     tokens = teacher.tokenizer(prompts)["input_ids"]  # tokenized once, here
-    order = np.argsort([len(t) for t in tokens], kind="stable")  # batch by length: little padding
     prefix = shared_prefix(teacher, tokens)  # the chat header and instructions: computed once per shard
     hidden = torch.empty(len(exs), len(layers), teacher.hidden_size)
     scores = torch.full((len(exs), kmax), float("-inf"))
-    for start in range(0, len(exs), bs):
-        idx = order[start : start + bs].tolist()
+    for idx in length_batches([len(t) for t in tokens], bs):  # batched by length: little padding
         h, logits = extract_letter_batch(teacher, [tokens[i] for i in idx], layers, letter_ids, prefix)
         assert logits is not None
         hidden[idx] = h
