@@ -97,18 +97,57 @@ def test_probe_cli(tiny_run: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "n_folds" in bad.stderr
 
 
-def test_demo_code_path_on_a_tiny_model(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """The demo's whole path (option extraction of ARC-Easy, probes, plot) with the tiny random Llama as teacher."""
-    out = run("demo", "--teacher", str(tiny_llama_dir), "--limit", "20", "--out", str(tmp_path / "demo")).stdout
+def tiny_demo_args(teacher: Path, student: Path) -> list[str]:
+    """`--set` flags that run the embedded demo configuration on the tiny random models, small and fast."""
+    return [
+        "--set", f"teacher={teacher}", "--set", f"student.model={student}",
+        "--set", "limit={train: 30, dev: 12, test: 12}", "--set", "extract.prompt=base",
+        "--set", "train.epochs=1", "--set", "train.batch_size=8",
+    ]  # fmt: skip
+
+
+def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The demo's whole path (option extraction of ARC-Easy, probes, the student grid, the report) on tiny models."""
+    out_dir = tmp_path / "demo"
+    args = ["demo", "--out", str(out_dir), *tiny_demo_args(tiny_llama_dir, tiny_bert_dir)]
+    out = run(*args).stdout
     lines = out.strip().splitlines()
-    assert lines[-1] == str(tmp_path / "demo" / "probes" / "summary.json")
-    assert "chosen layer" in out and lines[-2].endswith("layers.png")
-    s = json.loads(Path(lines[-1]).read_text())
+    assert lines[-1] == str(out_dir / "report" / "report.md")
+    assert lines[-6].split() == ["signal", "f=1"] and [x.split()[0] for x in lines[-5:-1]] == [
+        "hard", "logit-KD", "calibrated", "Probe-KD"
+    ]  # fmt: skip
+    assert "probe at layer" in out
+    s = json.loads((out_dir / "probes" / "summary.json").read_text())
     assert s["formulation"] == "option" and s["kind"] == "conditional" and s["layers"] == [0, 1, 2]
     # the mean-over-option feature is a probe option of option caches
-    mean = run("probe", str(tmp_path / "demo"), "--feature", "mean", "--overwrite").stdout
+    mean = run("probe", str(out_dir), "--feature", "mean", "--overwrite").stdout
     assert json.loads(Path(mean.strip().splitlines()[-1]).read_text())["config"]["feature"] == "mean"
-    run("probe", str(tmp_path / "demo"), "--overwrite")  # back to the demo's settings
-    # a second run reuses the caches and the probes
-    again = run("demo", "--teacher", str(tiny_llama_dir), "--limit", "20", "--out", str(tmp_path / "demo")).stdout
-    assert again.splitlines()[-3:] == lines[-3:]
+    run("probe", str(out_dir), "--overwrite")  # back to the demo's settings
+    # a second run reuses the caches, the probes and the students; `report` rewrites the report alone
+    again = run(*args).stdout
+    assert again.splitlines()[-6:] == lines[-6:]
+    assert run("report", str(out_dir)).stdout.splitlines()[-1] == lines[-1]
+    # another configuration in the same folder is refused, naming the field
+    bad = run(*args, "--set", "train.alpha=0.9", check=False)
+    assert bad.returncode == 2 and "train.alpha" in bad.stderr
+
+
+def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    template = run("demo", "--show-config").stdout
+    import yaml
+
+    cfg = yaml.safe_load(template)
+    assert cfg["student"]["model"] == "minilm-l6" and cfg["grid"]["signals"][-1] == "probe"
+    cfg.update(teacher=str(tiny_llama_dir), limit={"train": 24, "dev": 10, "test": 10})
+    cfg["student"]["model"] = str(tiny_bert_dir)
+    cfg["extract"]["prompt"] = "base"
+    cfg["train"].update(epochs=1, batch_size=8)
+    cfg["grid"]["signals"] = ["hard", "probe"]
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run("run", str(path), "--out", str(tmp_path / "mine")).stdout
+    assert out.strip().splitlines()[-1] == str(tmp_path / "mine" / "report" / "report.md")
+    bad = run("run", str(path), "--set", "grid.mode=sideways", check=False)
+    assert bad.returncode == 2 and "grid.mode" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run("report", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 2 and "no finished students" in missing.stderr

@@ -74,12 +74,16 @@ def test_real_letter_extraction_matches_naive(smollm2: Path) -> None:
 
 
 def test_demo_runs(tmp_path: Path, smollm2: Path) -> None:
+    """The real demo (SmolLM2 teacher, MiniLM student), made small: every stage on the real models."""
     out = subprocess.run(
-        [sys.executable, "-m", "probekd", "demo", "--out", str(tmp_path / "demo"), "--limit", "20"],
+        [sys.executable, "-m", "probekd", "demo", "--out", str(tmp_path / "demo"),
+         "--set", "limit={train: 40, dev: 20, test: 20}", "--set", "train.epochs=1"],
         capture_output=True,
         text=True,
         check=True,
-    )
-    assert out.stdout.strip().splitlines()[-1] == str(tmp_path / "demo" / "probes" / "summary.json")
-    assert "teacher accuracy" in out.stdout and "chosen layer" in out.stdout
-    assert (tmp_path / "demo" / "probes" / "layers.png").exists()
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == str(tmp_path / "demo" / "report" / "report.md")
+    assert "probe at layer" in out.stdout and "Probe-KD" in lines[-2]
+    for name in ("layers.png", "data_efficiency.png", "results.csv"):
+        assert (tmp_path / "demo" / "report" / name).exists()

@@ -124,32 +124,6 @@ def models_prepare(
     typer.echo(str(prepare(name, verify=verify)))
 
 
-def _run_extract(
-    task: str, teacher: str, out: Path, splits: list[str], cfg: Any, limit: int | None, overwrite: bool
-) -> dict[str, Any]:
-    from probekd.atomic import write_json
-    from probekd.data import load_task
-    from probekd.models import prepare
-    from probekd.teacher.extract import load_teacher
-    from probekd.teacher.pipeline import extract_split
-
-    loaded = load_task(task)
-    unknown = [s for s in splits if s not in loaded.splits]
-    if unknown:
-        raise ProbekdError(f"task {task!r} has no split(s) {unknown}; it has {list(loaded.splits)}")
-    folder = prepare(teacher)
-    log.info("loading teacher %s from %s", teacher, folder)
-    model = load_teacher(str(folder), cfg.device, cfg.compute_dtype)
-    summaries = {}
-    for split in splits:
-        examples = loaded.splits[split][:limit] if limit else loaded.splits[split]
-        summaries[split] = extract_split(
-            model, folder, examples, out / "teacher" / split, cfg, overwrite=overwrite, desc=f"{split}"
-        )
-    write_json(out / "teacher" / "summary.json", {"task": task, "teacher": teacher, "splits": summaries})
-    return summaries
-
-
 @app.command("extract")
 def extract(
     task: Annotated[str, typer.Option(help="Task name, folder, or hf:<dataset>.")],
@@ -169,7 +143,7 @@ def extract(
     """Run the frozen teacher once over a task and cache its hidden states (resumable: rerun to finish)."""
     from pydantic import ValidationError
 
-    from probekd.teacher.pipeline import ExtractConfig
+    from probekd.teacher.pipeline import ExtractConfig, extract_task
 
     try:
         cfg = ExtractConfig(
@@ -183,7 +157,7 @@ def extract(
         )
     except ValidationError as e:
         raise ProbekdError(f"bad option: {e}") from e
-    summaries = _run_extract(task, teacher, out, splits.split(","), cfg, limit, overwrite)
+    summaries = extract_task(task, teacher, out, splits.split(","), cfg, limit, overwrite)
     rows = [["split", "n", "teacher acc", "ex/s", "cache MB"]]
     for split, s in summaries.items():
         eps = "-" if s["examples_per_s"] is None else f"{s['examples_per_s']:.1f}"
@@ -245,30 +219,69 @@ def probe(
     _print_probe_summary(run_probes(run, cfg, overwrite=overwrite), run)
 
 
+def _run_and_report(cfg: Any, out: Path, overwrite: bool) -> None:
+    from probekd.experiment import run_experiment
+    from probekd.report.report import terminal_table, write_report
+
+    run_experiment(cfg, out, overwrite=overwrite)
+    report = write_report(out)
+    probes = json.loads((out / "probes" / "summary.json").read_text())
+    typer.echo(
+        f"\nteacher {cfg.teacher} ({cfg.extract.formulation} formulation), test accuracy: own answer "
+        f"{probes['teacher_accuracy']['test']:.3f}, probe at layer {probes['chosen_layer']} "
+        f"{probes['probe_accuracy']['test']:.3f}"
+    )
+    typer.echo(f"students ({cfg.student.model}), test accuracy by signal and labelled fraction:")
+    typer.echo(terminal_table(out))
+    typer.echo(str(report))
+
+
+@app.command("run")
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML run configuration (see `probekd demo --show-config`).")],
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set train.epochs=2 (repeatable).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo stages made with another configuration.")] = False,
+) -> None:
+    """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped."""
+    from probekd.config import load_config
+
+    cfg = load_config(config, set_)
+    _run_and_report(cfg, out or Path("runs") / config.stem, overwrite)
+
+
+@app.command("report")
+def report(run: Annotated[Path, typer.Argument(help="Run directory with finished students.")]) -> None:
+    """Write RUN/report/ (report.md, results.csv, summary.csv, plots) from the finished grid cells."""
+    from probekd.report.report import terminal_table, write_report
+
+    path = write_report(run)
+    typer.echo(terminal_table(run))
+    typer.echo(str(path))
+
+
+def _demo_config_path() -> Path:
+    return Path(__file__).parent / "configs" / "demo.yaml"
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
-    limit: Annotated[int, typer.Option(help="Examples per split from ARC-Easy.")] = 120,
-    teacher: Annotated[str, typer.Option(help="Teacher model.")] = "smollm2-135m-instruct",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field of the demo config (repeatable).")
+    ] = None,
+    show_config: Annotated[bool, typer.Option(help="Print the demo's configuration (a template) and exit.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Redo stages made with another configuration.")] = False,
 ) -> None:
-    """The embedded default: a real small teacher on a real ARC-Easy subset, on CPU in minutes."""
-    from probekd.probes.pipeline import ProbeConfig, run_probes
-    from probekd.teacher.pipeline import ExtractConfig
+    """The embedded default: a real small teacher, the MiniLM student, a bundled ARC-Easy subset, on CPU."""
+    from probekd.config import load_config
 
-    cfg = ExtractConfig(formulation="option", storage_dtype="float16")
-    summaries = _run_extract("arc_easy", teacher, out, ["train", "dev"], cfg, limit, False)
-    typer.echo(f"\nteacher {teacher} on ARC-Easy ({limit} questions a split, option formulation):")
-    for split, s in summaries.items():
-        typer.echo(f"  {split}: teacher accuracy {s['teacher_accuracy']:.3f} (chance ~0.25)")
-    probes = run_probes(out, ProbeConfig())
-    dev_row = next(r for r in probes["table"] if r["layer"] == probes["chosen_layer"])
-    typer.echo(
-        f"probes: chosen layer {probes['chosen_layer']} of {len(probes['layers']) - 1}, dev accuracy "
-        f"{dev_row['dev_accuracy']:.3f} vs the teacher's own {probes['teacher_accuracy']['dev']:.3f}; "
-        f"train out-of-fold {probes['probe_accuracy']['train']:.3f}"
-    )
-    typer.echo(f"layer curve: {out / 'probes' / 'layers.png'}")
-    typer.echo(str(out / "probes" / "summary.json"))
+    if show_config:
+        typer.echo(_demo_config_path().read_text().rstrip())
+        return
+    _run_and_report(load_config(_demo_config_path(), set_), out, overwrite)
 
 
 def main() -> None:

@@ -17,6 +17,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +30,8 @@ from safetensors.torch import save_file
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
 from probekd.probes.calibrate import fit_temperature
-from probekd.probes.crossfit import DEFAULT_L2_GRID, crossfit, held_out_nll
+from probekd.probes.crossfit import DEFAULT_L2_GRID, CrossfitResult, crossfit, held_out_nll
+from probekd.probes.linear import Kind
 from probekd.probes.select import choose_layer
 from probekd.report.plots import plot_layers
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint, load_cache
@@ -105,6 +108,86 @@ def _table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def load_inputs(run: Path, cfg: ProbeConfig) -> tuple[dict[str, TeacherCache], list[int], list[int]]:
+    """The teacher caches of run directory `run` (split -> cache, only the feature `cfg` uses), the layers to
+    probe, and their indices in the cache."""
+    split_dirs = _splits(run)
+    skip: tuple[str, ...] = ()
+    if json.loads((split_dirs["train"] / "manifest.json").read_text()).get("formulation") == "option":
+        skip = ("hidden",) if cfg.feature == "mean" else ("hidden_mean",)  # read only the feature used
+    caches = {s: load_cache(d, skip=skip) for s, d in split_dirs.items()}
+    _check_same_teacher(caches)
+    cached_layers = caches["train"].layers
+    if cfg.layers == "all":
+        layers = cached_layers
+    else:
+        assert isinstance(cfg.layers, list)
+        missing = [x for x in cfg.layers if x not in cached_layers]
+        if missing:
+            raise ProbekdError(f"layers {missing} are not in the teacher cache (it has {cached_layers})")
+        layers = list(cfg.layers)
+    return caches, layers, [cached_layers.index(x) for x in layers]
+
+
+@dataclass
+class LayerFit:
+    """The probes of every layer on one labelling of the training split, the layer chosen on dev, its temperature."""
+
+    crossfit: CrossfitResult
+    layer_logits: dict[str, torch.Tensor]  # split -> [G, N, K]; train rows out-of-fold where labelled
+    dev_accuracy: torch.Tensor  # [G]
+    dev_nll: torch.Tensor  # [G]
+    best: int  # index into the layers
+    temperature: float
+
+    def probs(self, split: str) -> torch.Tensor:
+        """Calibrated probabilities [N, K] of the chosen layer on `split`."""
+        return torch.softmax(self.layer_logits[split][self.best] / self.temperature, -1)
+
+
+def fit_layers(
+    caches: dict[str, TeacherCache],
+    features: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    kind: Kind,
+    cfg: ProbeConfig,
+    y: torch.Tensor,
+) -> LayerFit:
+    """Cross-fit one probe per feature group ("layer") on the training rows labelled in `y` (-1: unlabelled, those
+    get the full-data probe), predict the other splits, choose the group on dev, calibrate its temperature on dev.
+
+    `features(split)` gives (X, mask) of a split: X [G, N, D] (multinomial) or [G, N, K, D] (conditional); it is
+    called once per split so only one split's features are in memory at a time."""
+    train, dev = caches["train"], caches["dev"]
+    X, mask = features("train")
+    res = crossfit(
+        X,
+        y,
+        mask,
+        train.ids,
+        kind,
+        n_folds=cfg.n_folds,
+        l2_grid=tuple(cfg.l2_grid),
+        seed=cfg.seed,
+        max_iter=cfg.max_iter,
+        tol=cfg.tol,
+    )
+    del X
+    G = res.train_logits.shape[0]
+    layer_logits = {"train": res.train_logits}
+    for split in caches:
+        if split != "train":
+            layer_logits[split] = res.predict_logits(*features(split))
+    y_dev = torch.from_numpy(dev.answers).long()
+    lab_dev = y_dev >= 0
+    if not bool(lab_dev.any()):
+        raise ProbekdError("the dev split has no labels; the probe stage needs them to choose the layer and calibrate")
+    dev_acc = (layer_logits["dev"][:, lab_dev].argmax(-1) == y_dev[lab_dev]).float().mean(1)
+    dev_nll = held_out_nll(layer_logits["dev"][:, lab_dev], y_dev[lab_dev][None].expand(G, -1)).mean(1)
+    best = choose_layer(dev_acc.numpy(), dev_nll.numpy())
+    temperature = fit_temperature(layer_logits["dev"][best][lab_dev], y_dev[lab_dev])
+    return LayerFit(res, layer_logits, dev_acc, dev_nll, best, temperature)
+
+
 def existing_summary(run: Path) -> dict[str, Any] | None:
     path = run / "probes" / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -128,56 +211,24 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
             f"{run / 'probes'} was made from other teacher caches or probe settings; pass --overwrite to replace it"
         )
     t0 = time.perf_counter()
-    skip: tuple[str, ...] = ()
-    if manifests["train"].get("formulation") == "option":  # read only the feature used
-        skip = ("hidden",) if cfg.feature == "mean" else ("hidden_mean",)
-    caches = {s: load_cache(d, skip=skip) for s, d in split_dirs.items()}
-    _check_same_teacher(caches)
+    caches, layers, layer_idx = load_inputs(run, cfg)
     train, dev = caches["train"], caches["dev"]
     formulation = train.manifest["formulation"]
     kind = "multinomial" if formulation == "letter" else "conditional"
-    cached_layers = train.layers
-    if cfg.layers == "all":
-        layers = cached_layers
-    else:
-        assert isinstance(cfg.layers, list)
-        missing = [x for x in cfg.layers if x not in cached_layers]
-        if missing:
-            raise ProbekdError(f"layers {missing} are not in the teacher cache (it has {cached_layers})")
-        layers = list(cfg.layers)
-    layer_idx = [cached_layers.index(x) for x in layers]
-    kmax = max(c.mask.shape[1] for c in caches.values())
-    if not (dev.answers >= 0).any():
-        raise ProbekdError("the dev split has no labels; the probe stage needs them to choose the layer and calibrate")
-    X, mask = layer_features(train, layer_idx, cfg.feature, kmax)
     y = torch.from_numpy(train.answers).long()
     log.info(
         "fitting %s probes: %d layers x %d training rows (%d labelled)", kind, len(layers), len(y), int((y >= 0).sum())
     )
-    res = crossfit(
-        X,
-        y,
-        mask,
-        train.ids,
-        kind,
-        n_folds=cfg.n_folds,
-        l2_grid=tuple(cfg.l2_grid),
-        seed=cfg.seed,
-        max_iter=cfg.max_iter,
-        tol=cfg.tol,
+    kmax = max(c.mask.shape[1] for c in caches.values())
+    fit = fit_layers(caches, lambda s: layer_features(caches[s], layer_idx, cfg.feature, kmax), kind, cfg, y)
+    res, layer_logits, dev_acc, dev_nll, best, temperature = (
+        fit.crossfit,
+        fit.layer_logits,
+        fit.dev_accuracy,
+        fit.dev_nll,
+        fit.best,
+        fit.temperature,
     )
-    del X
-    layer_logits = {"train": res.train_logits}
-    for split, c in caches.items():
-        if split != "train":
-            Xs, ms = layer_features(c, layer_idx, cfg.feature, kmax)
-            layer_logits[split] = res.predict_logits(Xs, ms)
-    y_dev = torch.from_numpy(dev.answers).long()
-    lab_dev = y_dev >= 0
-    dev_acc = (layer_logits["dev"][:, lab_dev].argmax(-1) == y_dev[lab_dev]).float().mean(1)
-    dev_nll = held_out_nll(layer_logits["dev"][:, lab_dev], y_dev[lab_dev][None].expand(len(layers), -1)).mean(1)
-    best = choose_layer(dev_acc.numpy(), dev_nll.numpy())
-    temperature = fit_temperature(layer_logits["dev"][best][lab_dev], y_dev[lab_dev])
     table = [
         {
             "layer": layer,
@@ -215,7 +266,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         tmp.mkdir()
         for s, c in caches.items():
             logits = layer_logits[s]
-            probs = torch.softmax(logits[best] / temperature, -1)
+            probs = fit.probs(s)
             np.savez(
                 tmp / f"{s}.npz",
                 ids=np.array(c.ids),

@@ -84,7 +84,7 @@ def resolve_layers(spec: str | list[int], num_layers: int) -> list[int]:
 
 
 def letter_token_ids(tokenizer: Any, template: PromptTemplate, k: int) -> list[int]:
-    """The token id of each answer string (' A', ' B', ...); each must be exactly one token."""
+    """The token id of each answer string (' A', ' B', ...); each must be exactly one known token, all distinct."""
     ids = []
     for s in template.answer_strings(k):
         toks = tokenizer(s, add_special_tokens=False)["input_ids"]
@@ -93,7 +93,11 @@ def letter_token_ids(tokenizer: Any, template: PromptTemplate, k: int) -> list[i
                 f"answer string {s!r} is {len(toks)} tokens {toks} for this tokenizer; letter scoring needs one "
                 "token per option (change prompt.letter_prefix or prompt.letters)"
             )
+        if tokenizer.unk_token_id is not None and toks[0] == tokenizer.unk_token_id:
+            raise ConfigError(f"answer string {s!r} is the unknown token for this tokenizer; it cannot score letters")
         ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"answer strings {template.answer_strings(k)} share tokens {ids} for this tokenizer")
     return ids
 
 

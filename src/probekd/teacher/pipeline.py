@@ -14,6 +14,7 @@ from tqdm import tqdm
 from probekd.atomic import write_json
 from probekd.data.examples import MCQExample, answers_array, option_mask
 from probekd.data.prompts import PromptTemplate, get_template
+from probekd.errors import ProbekdError
 from probekd.models.zoo import model_info, sha256_files
 from probekd.teacher import cache as tcache
 from probekd.teacher.extract import (
@@ -22,6 +23,7 @@ from probekd.teacher.extract import (
     extract_option_question,
     length_batches,
     letter_token_ids,
+    load_teacher,
     resolve_layers,
     shared_prefix,
 )
@@ -183,3 +185,36 @@ def extract_split(
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def extract_task(
+    task: str,
+    teacher: str,
+    out: Path,
+    splits: list[str],
+    cfg: ExtractConfig,
+    limit: int | dict[str, int] | None,
+    overwrite: bool,
+) -> dict[str, Any]:
+    """Extract `splits` of `task` (the first `limit` examples of each, or `limit[split]`, when given) into
+    `out/teacher/<split>/`
+    and write `out/teacher/summary.json`; returns each split's summary. Finished caches are kept (resume)."""
+    from probekd.data import load_task
+    from probekd.models import prepare
+
+    loaded = load_task(task)
+    unknown = [s for s in splits if s not in loaded.splits]
+    if unknown:
+        raise ProbekdError(f"task {task!r} has no split(s) {unknown}; it has {list(loaded.splits)}")
+    folder = prepare(teacher)
+    log.info("loading teacher %s from %s", teacher, folder)
+    model = load_teacher(str(folder), cfg.device, cfg.compute_dtype)
+    summaries = {}
+    for split in splits:
+        n = limit.get(split) if isinstance(limit, dict) else limit
+        examples = loaded.splits[split][:n] if n else loaded.splits[split]
+        summaries[split] = extract_split(
+            model, folder, examples, out / "teacher" / split, cfg, overwrite=overwrite, desc=f"{split}"
+        )
+    write_json(out / "teacher" / "summary.json", {"task": task, "teacher": teacher, "splits": summaries})
+    return summaries

@@ -1,0 +1,129 @@
+"""The typed configuration of a whole run (`probekd run CONFIG.yaml`): every field documented where it is declared.
+
+A YAML file holds any subset of the fields; the rest take their defaults. `--set section.field=value` on the
+command line overrides a field. Unknown fields and bad values are errors that name the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from probekd.errors import ConfigError
+from probekd.probes.pipeline import ProbeConfig
+from probekd.student.heads import StudentConfig
+from probekd.student.train import TrainConfig
+from probekd.targets import SIGNALS
+from probekd.teacher.pipeline import ExtractConfig
+
+SPLITS = ("train", "dev", "test")
+
+
+class GridConfig(BaseModel):
+    """The experiment grid: labelled fractions x seeds x signals, one student per cell."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fractions: list[float] = Field([1.0], min_length=1, description="Labelled shares of the training split (nested).")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Seeds: labelled subset, head init, data order.")
+    signals: list[str] = Field(list(SIGNALS), min_length=1, description=f"Targets to compare: {', '.join(SIGNALS)}.")
+    mode: Literal["supervised", "semi"] = Field(
+        "supervised",
+        description="`supervised`: students train on the labelled rows only; `semi`: also on the rest of the "
+        "training split as an unlabelled pool, with the probe's or teacher's targets and no gold label.",
+    )
+    teacher_temperature: float = Field(1.0, gt=0, description="Temperature of the `teacher` signal's softmax.")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v):
+            raise ValueError(f"fractions must be in (0, 1], got {v}")
+        return sorted(set(v))
+
+    @field_validator("signals")
+    @classmethod
+    def _signals(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in SIGNALS]
+        if bad:
+            raise ValueError(f"unknown signal(s) {bad}; known: {list(SIGNALS)}")
+        return list(dict.fromkeys(v))
+
+
+class RunConfig(BaseModel):
+    """One run: a task, a teacher, its probes, and a grid of students."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("run", description="A name for the run (used in the report's title).")
+    task: str = Field("arc_easy", description="Built-in task name, a folder of train/dev/test files, or hf:<id>.")
+    teacher: str = Field("smollm2-135m-instruct", description="Packaged model, local folder, .gguf file or HF id.")
+    limit: dict[str, int] = Field(
+        {}, description="First N examples of a split, e.g. {train: 200, dev: 100}; absent splits are whole."
+    )
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)  # type: ignore[arg-type]
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)  # type: ignore[arg-type]
+    student: StudentConfig = Field(default_factory=StudentConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    grid: GridConfig = Field(default_factory=GridConfig)  # type: ignore[arg-type]
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [k for k in v if k not in SPLITS]
+        if bad or any(n < 1 for n in v.values()):
+            raise ValueError(f"limit takes splits {list(SPLITS)} with positive counts, got {v}")
+        return v
+
+
+def _set(tree: dict[str, Any], dotted: str) -> None:
+    key, sep, raw = dotted.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set wants section.field=value, got {dotted!r}")
+    *path, leaf = key.strip().split(".")
+    node = tree
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _describe(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top)"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return f"bad configuration in {source}: " + "; ".join(parts)
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run configuration from YAML (or start from `base`), apply `--set` overrides, validate."""
+    tree: dict[str, Any] = dict(base or {})
+    source = "the defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of fields, not {type(loaded).__name__}")
+        tree.update(loaded or {})
+    for item in overrides or []:
+        _set(tree, item)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved configuration as YAML (every field, defaults included)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,224 @@
+"""`probekd report RUN`: the grid's results as tables (mean +- 95% interval over seeds), paired comparisons of
+Probe-KD against each other signal, plots, and a plain verdict per setting.
+
+Writes RUN/report/: report.md, results.csv (one row per cell), summary.csv (one row per signal and fraction),
+data_efficiency.png, layers.png (the probe layer curve, copied from RUN/probes/).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from probekd.atomic import atomic_path
+from probekd.errors import ProbekdError
+from probekd.evaluate import mean_ci
+from probekd.report.plots import plot_data_efficiency
+
+LABELS = {
+    "hard": "hard labels",
+    "teacher": "logit-KD (teacher)",
+    "teacher_calibrated": "calibrated logit-KD",
+    "probe": "Probe-KD",
+}
+CELL_COLUMNS = [
+    "signal", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy", "accuracy_ci_low",
+    "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy", "seconds",
+]  # fmt: skip
+
+
+def load_cells(run: Path) -> list[dict[str, Any]]:
+    """Every finished cell's metrics under RUN/students/."""
+    cells = []
+    for path in sorted((run / "students").glob("*/metrics.json")):
+        try:
+            cells.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ProbekdError(f"{path} is not valid JSON ({e}); delete it to rerun that cell") from e
+    return cells
+
+
+def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (signal, fraction): mean test accuracy over seeds and the half-width of its 95% t-interval."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for c in cells:
+        groups.setdefault((c["signal"], c["fraction"]), []).append(c)
+    out = []
+    for (signal, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], list(LABELS).index(kv[0][0]))):
+        mean, half = mean_ci([c["accuracy"] for c in cs])
+        out.append(
+            {
+                "signal": signal,
+                "fraction": fraction,
+                "seeds": len(cs),
+                "accuracy_mean": round(mean, 4),
+                "accuracy_ci_half": round(half, 4) if half == half else "",
+                "ece_mean": round(float(np.mean([c["ece"] for c in cs])), 4),
+                "agreement_teacher_mean": round(float(np.mean([c["agreement_teacher"] for c in cs])), 4),
+                "agreement_probe_mean": round(float(np.mean([c["agreement_probe"] for c in cs])), 4),
+            }
+        )
+    return out
+
+
+def compare(cells: list[dict[str, Any]], a: str, b: str, fraction: float) -> dict[str, Any] | None:
+    """Paired difference (same seed) of test accuracy, signal `a` minus `b`, at `fraction`, with a verdict."""
+    acc = {(c["signal"], c["seed"]): c["accuracy"] for c in cells if c["fraction"] == fraction}
+    seeds = sorted({s for (sig, s) in acc if sig == a} & {s for (sig, s) in acc if sig == b})
+    if not seeds:
+        return None
+    diffs = [acc[(a, s)] - acc[(b, s)] for s in seeds]
+    mean, half = mean_ci(diffs)
+    if half != half:
+        verdict = "one seed: no interval"
+    elif mean - half > 0:
+        verdict = "wins"
+    elif mean + half < 0:
+        verdict = "loses"
+    else:
+        verdict = "ties (interval includes 0)"
+    return {"a": a, "b": b, "fraction": fraction, "seeds": len(seeds), "diff": mean, "half": half, "verdict": verdict}
+
+
+def _pm(mean: float, half: Any) -> str:
+    return f"{mean:.3f}" if half in ("", None) or half != half else f"{mean:.3f} ± {half:.3f}"
+
+
+def write_report(run: Path) -> Path:
+    """Write RUN/report/ from the finished cells; returns the path of report.md."""
+    cells = load_cells(run)
+    if not cells:
+        raise ProbekdError(f"no finished students under {run / 'students'}; run `probekd run` first")
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    probes_path = run / "probes" / "summary.json"
+    probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
+    summary = summarize(cells)
+    fractions = sorted({c["fraction"] for c in cells})
+    signals = [s for s in LABELS if any(c["signal"] == s for c in cells)]
+    comparisons = [
+        r
+        for f in fractions
+        for other in signals
+        if other != "probe"
+        for r in [compare(cells, "probe", other, f)]
+        if r is not None
+    ]
+    lines = [f"# probekd report: {cfg.get('name', run.name)}", ""]
+    lines += [
+        f"Task `{cfg.get('task', '?')}`, teacher `{cfg.get('teacher', '?')}` "
+        f"({cfg.get('extract', {}).get('formulation', '?')} formulation), student "
+        f"`{cfg.get('student', {}).get('model', '?')}` ({cfg.get('student', {}).get('kind', '?')}), "
+        f"mode `{cfg.get('grid', {}).get('mode', '?')}`, {len(cells)} students.",
+        "",
+    ]
+    if probes:
+        t = probes["teacher_accuracy"]
+        p = probes["probe_accuracy"]
+        lines += [
+            "## Teacher and probes (all labelled training data)",
+            "",
+            f"| split | teacher's own answer | probe (layer {probes['chosen_layer']}) |",
+            "|---|---|---|",
+            *[f"| {s} | {t[s]:.3f} | {p[s]:.3f} |" for s in t],
+            "",
+            "Probe accuracy on train is out-of-fold. ![probe accuracy by layer](layers.png)",
+            "",
+        ]
+    lines += [
+        "## Student test accuracy (mean ± 95% t-interval over seeds)",
+        "",
+        "| fraction | " + " | ".join(LABELS[s] for s in signals) + " |",
+        "|---" * (len(signals) + 1) + "|",
+    ]
+    by = {(r["signal"], r["fraction"]): r for r in summary}
+    for f in fractions:
+        row = [f"{f:g}"]
+        for s in signals:
+            r = by.get((s, f))
+            row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "(n) = seeds. ![accuracy vs labelled fraction](data_efficiency.png)", ""]
+    if comparisons:
+        lines += [
+            "## Probe-KD against each other signal (paired by seed, test accuracy difference)",
+            "",
+            "| fraction | against | difference | seeds | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        for r in comparisons:
+            lines.append(
+                f"| {r['fraction']:g} | {LABELS[r['b']]} | {_pm(r['diff'], r['half'])} | {r['seeds']} | "
+                f"Probe-KD {r['verdict']} |"
+            )
+        lines.append("")
+    lines += [
+        "Agreement, ECE and per-cell numbers: `results.csv`; means per setting: `summary.csv`.",
+        "",
+    ]
+    out = run / "report"
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for c in cells:  # flatten the interval for the CSV
+            c["accuracy_ci_low"], c["accuracy_ci_high"] = c["accuracy_ci"]
+        (tmp / "results.csv").write_text(_csv(cells, CELL_COLUMNS))
+        (tmp / "summary.csv").write_text(_csv(summary, list(summary[0])))
+        curves = {}
+        for s in signals:
+            rs = [by[(s, f)] for f in fractions if (s, f) in by]
+            curves[LABELS[s]] = (
+                [r["fraction"] for r in rs],
+                [r["accuracy_mean"] for r in rs],
+                [r["accuracy_ci_half"] if r["accuracy_ci_half"] != "" else float("nan") for r in rs],
+            )
+        refs = {}
+        if probes:
+            refs = {
+                "teacher's own answer": probes["teacher_accuracy"]["test"],
+                "probe": probes["probe_accuracy"]["test"],
+            }
+        plot_data_efficiency(
+            tmp / "data_efficiency.png",
+            curves,
+            references=refs,
+            title=f"{cfg.get('name', run.name)}: students by signal",
+        )
+        if (run / "probes" / "layers.png").exists():
+            shutil.copy(run / "probes" / "layers.png", tmp / "layers.png")
+        (tmp / "report.md").write_text("\n".join(lines))
+    return out / "report.md"
+
+
+def terminal_table(run: Path) -> str:
+    """A short table of mean test accuracy per signal and fraction, for the terminal."""
+    summary = summarize(load_cells(run))
+    fractions = sorted({r["fraction"] for r in summary})
+    signals = [s for s in LABELS if any(r["signal"] == s for r in summary)]
+    by = {(r["signal"], r["fraction"]): r for r in summary}
+    rows = [["signal", *[f"f={f:g}" for f in fractions]]]
+    for s in signals:
+        rows.append(
+            [
+                LABELS[s],
+                *[
+                    _pm(by[(s, f)]["accuracy_mean"], by[(s, f)]["accuracy_ci_half"]) if (s, f) in by else "-"
+                    for f in fractions
+                ],
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)

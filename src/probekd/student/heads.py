@@ -1,0 +1,166 @@
+"""Students: models that give K-way option logits (masked options -inf), and how examples become their inputs.
+
+- `encoder`: question + each option through an encoder with a scoring head (`AutoModelForMultipleChoice`,
+  MiniLM-L6 by default); missing options are run as empty texts and masked.
+- `causal`: a causal LM reads the lettered prompt (the same template as the teacher's `letter` formulation) and
+  its logits of the option-letter tokens at the last prompt position are the K logits. The letters must be single
+  tokens of the student's tokenizer (checked, see `probekd.teacher.extract.letter_token_ids`).
+
+Full fine-tuning by default; LoRA through `peft` as an option (the scoring head stays fully trainable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from probekd.data.examples import MCQExample
+from probekd.data.prompts import get_template
+from probekd.errors import ProbekdError
+
+StudentKind = Literal["encoder", "causal"]
+
+
+class StudentConfig(BaseModel):
+    """Which student, and how its inputs are made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("minilm-l6", description="Packaged model name, local folder or HF id.")
+    kind: StudentKind = Field("encoder", description="`encoder` (multiple-choice head) or `causal` (letter logits).")
+    max_length: int = Field(128, ge=8, description="Tokens per (question, option) pair or prompt; longer is cut.")
+    lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
+    prompt: str = Field("auto", description="`causal` students: prompt preset (auto, base, instruct).")
+
+
+class EncoderStudent(nn.Module):
+    """An `AutoModelForMultipleChoice` whose logits are masked to each example's options."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **kw: Any
+    ) -> torch.Tensor:
+        extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+        return logits.float().masked_fill(~option_mask, float("-inf"))
+
+
+class CausalLetterStudent(nn.Module):
+    """A causal LM scoring the option letters at the last prompt token (right padding, gathered per row)."""
+
+    def __init__(self, model: nn.Module, letter_ids: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("letter_ids", torch.tensor(letter_ids), persistent=False)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(1) - 1
+        final = hidden[torch.arange(len(last), device=last.device), last]
+        head = base.get_output_embeddings()
+        logits = final @ head.weight[self.letter_ids].T  # only the K letter rows of the output layer
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias[self.letter_ids]
+        return logits.float().masked_fill(~option_mask, float("-inf"))
+
+
+@dataclass
+class Student:
+    """A student model with its tokenizer and the function that turns examples into its inputs."""
+
+    module: nn.Module
+    tokenizer: Any
+    cfg: StudentConfig
+    k: int
+    template: Any = None
+
+    def encode(self, ex: MCQExample) -> dict[str, list[Any]]:
+        """Unpadded token ids of one example (padded to K options with empty texts for the encoder)."""
+        tok = self.tokenizer
+        if self.cfg.kind == "encoder":
+            options = list(ex.options) + [""] * (self.k - ex.k)
+            enc = tok([ex.question] * self.k, options, truncation="only_first", max_length=self.cfg.max_length)
+            return {key: enc[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc}
+        ids = tok(self.template.letter_prompt(ex, tok))["input_ids"]
+        if len(ids) > self.cfg.max_length:  # keep the end: the answer cue and the last options
+            ids = ids[-self.cfg.max_length :]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad a list of encoded rows (right padding) into tensors; other keys are stacked as they are."""
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
+        out: dict[str, torch.Tensor] = {}
+        if self.cfg.kind == "encoder":
+            T = max(len(seq) for r in rows for seq in r["input_ids"])
+            for key in token_keys:
+                fill = pad_id if key == "input_ids" else 0
+                out[key] = torch.tensor([[seq + [fill] * (T - len(seq)) for seq in r[key]] for r in rows])
+        else:
+            T = max(len(r["input_ids"]) for r in rows)
+            for key in token_keys:
+                fill = pad_id if key == "input_ids" else 0
+                out[key] = torch.tensor([r[key] + [fill] * (T - len(r[key])) for r in rows])
+        for key in rows[0]:
+            if key not in token_keys:
+                out[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])
+        return out
+
+
+def load_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
+    """Build the student named by `cfg` for K options; the scoring head's initialization follows `seed`."""
+    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoTokenizer
+    from transformers import logging as hf_logging
+
+    from probekd.models import prepare
+    from probekd.teacher.extract import letter_token_ids
+
+    folder = prepare(cfg.model)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected, not news
+    try:
+        if cfg.kind == "encoder":
+            model = AutoModelForMultipleChoice.from_pretrained(str(folder), dtype=torch.float32)
+            head = ["classifier"]
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            head = []
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                target_modules="all-linear",
+                modules_to_save=head or None,
+                lora_dropout=0.0,
+            ),
+        )
+    if cfg.kind == "encoder":
+        return Student(EncoderStudent(model), tok, cfg, k)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    template = get_template(cfg.prompt, tok)
+    try:
+        ids = letter_token_ids(tok, template, k)
+    except ProbekdError as e:
+        raise ProbekdError(f"student {cfg.model}: {e}") from e
+    return Student(CausalLetterStudent(model, ids), tok, cfg, k, template)

@@ -1,0 +1,250 @@
+"""Student training: a thin adapter on Hugging Face `Trainer` (checkpoints, resume, gradient accumulation, mixed
+precision and logging come from it); only the loss is ours.
+
+Per example i with student logits s_i, soft targets p_i, gold label y_i (-1 when unlabelled) and weight w_i:
+
+    l_i = alpha * T^2 * KD(p_i, s_i; T) + (1 - alpha) * CE(y_i, s_i)      (the CE term only where y_i is known)
+    loss = sum_i w_i l_i / n
+
+with n the number of examples in the whole optimizer step (all gradient-accumulation micro-batches: the
+`num_items_in_batch` that `Trainer` counts from the `labels` column), so batch size and accumulation do not change
+the loss's scale. Weights are 1 unless a weighting scheme (PACED) gives them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import Dataset
+
+from probekd import losses
+from probekd.losses.common import masked_log_softmax
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    """How a student is trained (identical for every signal)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loss: str = Field("fkl", description="Distillation divergence (`probekd.losses` registry name).")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to gold CE.")
+    temperature: float = Field(2.0, gt=0, description="Student softmax temperature in the distillation term.")
+    epochs: float = Field(4, gt=0, description="Passes over the training rows.")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear warm-up, then linear decay).")
+    batch_size: int = Field(16, ge=1, description="Examples per optimizer step (micro-batch x accumulation).")
+    grad_accum: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimizer step.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a linear warm-up.")
+    eval_batch_size: int = Field(32, ge=1, description="Examples per forward pass when predicting.")
+    bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
+
+
+def distill_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss: str = "fkl",
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    **options: Any,
+) -> torch.Tensor:
+    """Per-example loss [B]: alpha T^2 KD(targets, logits; T) + (1 - alpha) CE(labels) (CE where labels >= 0).
+
+    Rows whose targets are all zero (no soft target) take no KD term."""
+    has_target = targets.sum(-1) > 0
+    kd = losses.get(loss)(logits, targets, mask, temperature=temperature, **options) * temperature**2
+    kd = torch.where(has_target, kd, torch.zeros_like(kd))
+    labelled = labels >= 0
+    logp = masked_log_softmax(logits, mask, 1.0)
+    ce = -logp.gather(-1, labels.clamp_min(0)[:, None])[:, 0]
+    ce = torch.where(labelled, ce, torch.zeros_like(ce))
+    return alpha * kd + (1 - alpha) * ce
+
+
+class Rows(Dataset):
+    """Encoded examples with their targets [K], label and weight, as `Trainer` reads them."""
+
+    def __init__(
+        self,
+        encoded: list[dict[str, Any]],
+        mask: np.ndarray,
+        labels: np.ndarray,
+        targets: np.ndarray | None = None,
+        weights: np.ndarray | None = None,
+    ) -> None:
+        n = len(encoded)
+        if not (mask.shape[0] == labels.shape[0] == n) or (targets is not None and targets.shape != mask.shape):
+            raise ValueError(
+                f"rows: {n} encoded, mask {mask.shape}, labels {labels.shape}, "
+                f"targets {None if targets is None else targets.shape}"
+            )
+        self.rows = []
+        for i, enc in enumerate(encoded):
+            row = dict(enc)
+            row["option_mask"] = torch.from_numpy(mask[i])
+            row["labels"] = int(labels[i])
+            row["targets"] = torch.from_numpy(
+                (targets[i] if targets is not None else np.zeros(mask.shape[1])).astype(np.float32)
+            )
+            row["weights"] = float(weights[i]) if weights is not None else 1.0
+            self.rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+def _make_trainer_class() -> type:
+    from transformers import Trainer
+
+    class DistillTrainer(Trainer):
+        """`Trainer` with the distillation loss of this module; everything else is `Trainer`'s."""
+
+        loss_is_scaled_for_ga = True  # our loss is divided by the step's example count, see the module docstring
+
+        def __init__(self, *args: Any, train_cfg: TrainConfig, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.train_cfg = train_cfg
+            self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch over the whole step
+
+        def compute_loss(
+            self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            targets = inputs.pop("targets")
+            weights = inputs.pop("weights")
+            labels = inputs.pop("labels")
+            logits = model(**inputs)
+            per = distill_loss(
+                logits,
+                targets,
+                labels,
+                inputs["option_mask"],
+                loss=self.train_cfg.loss,
+                alpha=self.train_cfg.alpha,
+                temperature=self.train_cfg.temperature,
+            )
+            n = num_items_in_batch if num_items_in_batch is not None else len(per)
+            value = (weights.float() * per).sum() / n
+            return (value, {"logits": logits}) if return_outputs else value
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            # Trainer writes a plain module's state dict with safetensors.save_file, which refuses tied weights (a
+            # causal LM's embeddings and output layer); save_model keeps one copy, and loading is non-strict.
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            safetensors.torch.save_model(self.model, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    return DistillTrainer
+
+
+def _accuracy(pred: Any) -> dict[str, float]:
+    logits, labels = pred.predictions, pred.label_ids
+    lab = labels >= 0
+    return {"accuracy": float((logits[lab].argmax(-1) == labels[lab]).mean()) if lab.any() else float("nan")}
+
+
+def make_trainer(
+    module: nn.Module,
+    collate: Any,
+    train_rows: Rows,
+    dev_rows: Rows | None,
+    cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+    **overrides: Any,
+) -> Any:
+    """The `Trainer` of one student: evaluation and checkpoint each epoch, the best dev accuracy kept at the end
+    (when `dev_rows` is given). `overrides` go to `TrainingArguments` (tests use them)."""
+    from transformers import TrainingArguments
+
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum {cfg.grad_accum}")
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    with_dev = dev_rows is not None
+    kwargs: dict[str, Any] = {
+        "output_dir": str(out_dir),
+        "per_device_train_batch_size": cfg.batch_size // cfg.grad_accum,
+        "per_device_eval_batch_size": cfg.eval_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "num_train_epochs": cfg.epochs,
+        "learning_rate": cfg.learning_rate,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        "lr_scheduler_type": "linear",
+        "eval_strategy": "epoch" if with_dev else "no",
+        "save_strategy": "epoch",
+        "save_total_limit": 1,
+        "load_best_model_at_end": with_dev,
+        "metric_for_best_model": "accuracy" if with_dev else None,
+        "greater_is_better": True,
+        "logging_steps": max(1, steps_per_epoch // 4),
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "remove_unused_columns": False,
+        "label_names": ["labels"],
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": cfg.bf16,
+        "dataloader_num_workers": 0,
+    }
+    kwargs.update(overrides)
+    return _make_trainer_class()(
+        model=module,
+        args=TrainingArguments(**kwargs),
+        train_dataset=train_rows,
+        eval_dataset=dev_rows,
+        data_collator=collate,
+        compute_metrics=_accuracy,
+        train_cfg=cfg,
+    )
+
+
+def train_student(
+    module: nn.Module,
+    collate: Any,
+    train_rows: Rows,
+    dev_rows: Rows,
+    cfg: TrainConfig,
+    out_dir: Path,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """Train `module` in place; keep the epoch with the best dev accuracy. Checkpoints go to `out_dir` (a rerun
+    resumes from the last one) and are removed at the end. Returns Trainer's log history."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = make_trainer(module, collate, train_rows, dev_rows, cfg, out_dir, seed)
+    last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    if last:
+        log.info("resuming student training from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    history = list(trainer.state.log_history)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return history
+
+
+@torch.inference_mode()
+def predict(module: nn.Module, collate: Any, rows: Rows, batch_size: int = 32) -> np.ndarray:
+    """Probabilities [N, K] (0 on masked options) of the student on `rows`, in order."""
+    module.eval()
+    device = next(module.parameters()).device
+    out = []
+    for s in range(0, len(rows), batch_size):
+        batch = collate([rows[i] for i in range(s, min(s + batch_size, len(rows)))])
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("targets", "weights", "labels")}
+        out.append(torch.softmax(module(**inputs).float(), -1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)

@@ -1,0 +1,112 @@
+"""The whole run on tiny random models: config -> extraction -> probes -> targets -> student grid -> report; a rerun
+does nothing again; another configuration is refused naming the field; bad configs give clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from probekd.config import load_config
+from probekd.errors import ConfigError, ProbekdError
+from probekd.experiment import run_experiment
+from probekd.report.report import terminal_table, write_report
+
+
+def tiny_config(teacher: Path, student: Path, **grid) -> dict:
+    return {
+        "name": "tiny",
+        "task": "arc_easy",
+        "teacher": str(teacher),
+        "limit": {"train": 40, "dev": 16, "test": 16},
+        "extract": {"formulation": "option", "prompt": "base", "storage_dtype": "float32"},
+        "probe": {"l2_grid": [0.01, 0.1], "max_iter": 30, "layers": [1, 2]},
+        "student": {"model": str(student), "max_length": 48},
+        "train": {"epochs": 1, "batch_size": 8, "learning_rate": 1e-3},
+        "grid": {"fractions": [0.5, 1.0], "seeds": [0, 1], **grid},
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("exp") / "run"
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+    results = run_experiment(cfg, run)
+    assert len(results) == 2 * 2 * 4
+    write_report(run)
+    return run
+
+
+def test_grid_cells_and_targets(finished_run: Path) -> None:
+    cells = sorted(p.name for p in (finished_run / "students").iterdir())
+    assert len(cells) == 16 and "probe-f0.5-s1" in cells and "teacher_calibrated-f1-s0" in cells
+    m = json.loads((finished_run / "students" / "probe-f0.5-s0" / "metrics.json").read_text())
+    assert m["n_labelled"] == 20 and m["n_train_rows"] == 20  # supervised: the labelled half only
+    assert 0 <= m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1] <= 1
+    assert m["targets"]["n_labelled"] == 20 and m["targets"]["layer"] in (1, 2)
+    assert not list((finished_run / "students").glob("*/checkpoints"))
+
+
+def test_report_files_and_tables(finished_run: Path) -> None:
+    report = finished_run / "report"
+    for name in ("report.md", "results.csv", "summary.csv", "data_efficiency.png", "layers.png"):
+        assert (report / name).stat().st_size > 0, name
+    with open(report / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 16 and {r["signal"] for r in rows} == {"hard", "teacher", "teacher_calibrated", "probe"}
+    text = (report / "report.md").read_text()
+    assert "| fraction | hard labels | logit-KD (teacher) | calibrated logit-KD | Probe-KD |" in text
+    assert "Probe-KD against each other signal" in text and "(2) |" in text
+    assert (report / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = terminal_table(finished_run)
+    assert table.splitlines()[0].split() == ["signal", "f=0.5", "f=1"] and "Probe-KD" in table
+
+
+def test_rerun_skips_finished_work_and_refuses_other_configs(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path
+) -> None:
+    marker = finished_run / "students" / "hard-f1-s0" / "metrics.json"
+    before = marker.stat().st_mtime_ns
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir)
+    run_experiment(load_config(None, base=base), finished_run)
+    assert marker.stat().st_mtime_ns == before
+    base["train"]["alpha"] = 0.9
+    with pytest.raises(ProbekdError, match=r"differs in: train\.alpha"):
+        run_experiment(load_config(None, base=base), finished_run)
+
+
+def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        base=tiny_config(
+            tiny_llama_dir, tiny_bert_dir, fractions=[0.25], seeds=[0], signals=["hard", "probe"], mode="semi"
+        ),
+    )
+    results = {r["signal"]: r for r in run_experiment(cfg, tmp_path / "semi")}
+    assert results["probe"]["n_train_rows"] == 40 and results["probe"]["n_labelled"] == 10
+    assert results["hard"]["n_train_rows"] == 10  # hard labels exist only for the labelled rows
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.temprature: unknown field"):
+        load_config(None, ["train.temprature=2"])
+    with pytest.raises(ConfigError, match=r"grid\.signals: .*unknown signal\(s\) \['logits'\]"):
+        load_config(None, ["grid.signals=[hard, logits]"])
+    with pytest.raises(ConfigError, match="--set wants section.field=value"):
+        load_config(None, ["train.alpha"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [1, 2\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"grid": {"fractions": [0.5, 0.1, 0.5]}}))
+    cfg = load_config(good, ["train.epochs=2", "student.lora=true"])
+    assert cfg.grid.fractions == [0.1, 0.5] and cfg.train.epochs == 2 and cfg.student.lora is True

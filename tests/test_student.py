@@ -1,0 +1,101 @@
+"""Students on tiny random models: both kinds learn a learnable task through the Trainer adapter; gradient
+accumulation 2 x 4 equals batch 8; a tokenizer without single-token letters is refused."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from probekd.data.examples import MCQExample, answers_array, option_mask
+from probekd.errors import ProbekdError
+from probekd.student.heads import StudentConfig, load_student
+from probekd.student.train import Rows, TrainConfig, make_trainer, predict, train_student
+
+WORDS = ["fish", "frog", "ant", "water", "plants", "sun", "energy", "heat", "light"]
+
+
+def mammal_task(n: int, k: int = 4, seed: int = 0, position: int | None = None) -> list[MCQExample]:
+    """'Which is a mammal?': the answer is always 'dog', at a random position (or always at `position`)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        opts = rng.sample(WORDS, k - 1)
+        a = rng.randrange(k) if position is None else position
+        opts.insert(a, "dog")
+        out.append(MCQExample(f"q{i}", "Which is a mammal?", tuple(opts), a))
+    return out
+
+
+def rows_for(student, exs: list[MCQExample], k: int, soft: bool = True) -> Rows:
+    m, y = option_mask(exs, k), answers_array(exs)
+    targets = np.where(m, 0.1, 0.0) + np.eye(k)[y] * 0.6 if soft else None
+    if targets is not None:
+        targets = targets / targets.sum(1, keepdims=True)
+    return Rows([student.encode(e) for e in exs], m, y, targets)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_student_learns_and_loss_goes_down(
+    kind: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    folder = tiny_bert_dir if kind == "encoder" else tiny_llama_dir
+    student = load_student(StudentConfig(model=str(folder), kind=kind, prompt="base"), k=4, seed=0)
+    # a tiny random causal LM cannot learn to map a word's position to its letter in a few steps: for it the
+    # answer sits at one position, which it must learn from the targets
+    position = None if kind == "encoder" else 1
+    train, dev = mammal_task(48, position=position), mammal_task(16, seed=1, position=position)
+    cfg = TrainConfig(epochs=6, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
+    history = train_student(
+        student.module, student.collate, rows_for(student, train, 4), rows_for(student, dev, 4), cfg, tmp_path / "ck", 0
+    )
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < 0.7 * losses[0]
+    probs = predict(student.module, student.collate, rows_for(student, dev, 4))
+    assert probs.shape == (16, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert (probs.argmax(1) == answers_array(dev)).mean() >= 0.75
+    assert not (tmp_path / "ck").exists()  # checkpoints are removed once the best model is loaded
+
+
+def test_missing_options_are_masked(tiny_bert_dir: Path) -> None:
+    student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=5)
+    exs = mammal_task(3, k=3)
+    probs = predict(student.module, student.collate, rows_for(student, exs, 5, soft=False))
+    assert probs.shape == (3, 5) and (probs[:, 3:] == 0).all()
+
+
+def _one_sgd_step(student, rows: Rows, grad_accum: int, tmp_path: Path) -> list[torch.Tensor]:
+    start = [p.detach().clone() for p in student.module.parameters()]
+    cfg = TrainConfig(batch_size=8, grad_accum=grad_accum, learning_rate=1.0, warmup_ratio=0.0, weight_decay=0.0)
+    trainer = make_trainer(
+        student.module, student.collate, rows, None, cfg, tmp_path / f"ga{grad_accum}", 0,
+        max_steps=1, max_grad_norm=0.0, save_strategy="no", optim="sgd", lr_scheduler_type="constant",
+    )  # fmt: skip
+    trainer.train()
+    return [p.detach() - s for p, s in zip(student.module.parameters(), start, strict=True)]
+
+
+def test_gradient_accumulation_2x4_equals_batch_8(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """One plain SGD step (lr 1) moves the weights by minus the gradient: the same with 2 micro-batches of 4."""
+    exs = mammal_task(8)
+    exs = [*exs[:3], MCQExample("short", "Which is a mammal?", ("dog", "ant", "sun"), 0), *exs[4:]]  # K = 3 and 4
+    deltas = []
+    for ga in (1, 2):
+        student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+        rows = rows_for(student, exs, 4)
+        rows.rows[5]["labels"] = -1  # an unlabelled row: soft target only
+        rows.rows[5]["weights"] = 0.5
+        deltas.append(_one_sgd_step(student, rows, ga, tmp_path))
+    moved = sum(float(d.abs().sum()) for d in deltas[0])
+    assert moved > 0
+    for a, b in zip(*deltas, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_letters_must_be_single_tokens(tiny_bert_dir: Path) -> None:
+    # the WordPiece vocabulary lacks most letters: a causal student with it cannot score " B", " C", ...
+    with pytest.raises(ProbekdError, match=r"student .*"):
+        load_student(StudentConfig(model=str(tiny_bert_dir), kind="causal", prompt="base"), k=4)
