@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,31 @@ def test_rerun_skips_finished_work_and_refuses_other_configs(
     base["train"]["alpha"] = 0.9
     with pytest.raises(ProbekdError, match=r"differs in: train\.alpha"):
         run_experiment(load_config(None, base=base), finished_run)
+
+
+def test_student_stage_needs_no_teacher_caches(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """The run directory copied without its teacher shards (as to a GPU machine) trains the missing students, and
+    the retrained cell equals the one trained in the `all` run."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("shard-*"))
+    shutil.rmtree(copy / "students" / "probe-f0.5-s1")
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+    redone = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}["probe-f0.5-s1"]
+    original = json.loads((finished_run / "students" / "probe-f0.5-s1" / "metrics.json").read_text())
+    assert redone["accuracy"] == original["accuracy"] and redone["targets"] == original["targets"]
+    assert redone["dev_accuracy_by_epoch"] == original["dev_accuracy_by_epoch"]
+    assert not list((copy / "teacher").glob("*/shard-*"))  # the teacher was not run again
+    (copy / "targets" / "hard-f1-s0.npz").unlink()
+    shutil.rmtree(copy / "students" / "hard-f1-s0")
+    with pytest.raises(ProbekdError, match=r"hard-f1-s0\.npz is missing: run the targets stage first"):
+        run_experiment(cfg, copy, stage="students")
+    with pytest.raises(ProbekdError, match="would delete the targets"):
+        run_experiment(cfg, copy, stage="students", overwrite=True)
+    (copy / "targets" / "answers-dev.npz").unlink()
+    with pytest.raises(ProbekdError, match=r"answers-dev\.npz is missing"):
+        run_experiment(cfg, copy, stage="students")
 
 
 def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -36,6 +36,14 @@ def write_text(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_npz(target: Path, **arrays: Any) -> None:
+    """Write arrays as an .npz file at `target` (its name kept as given), atomically."""
+    import numpy as np
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def write_json(target: Path, obj: Any) -> None:
     """Write `obj` as indented JSON to `target` atomically."""
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")

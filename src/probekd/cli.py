@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -219,11 +220,14 @@ def probe(
     _print_probe_summary(run_probes(run, cfg, overwrite=overwrite), run)
 
 
-def _run_and_report(cfg: Any, out: Path, overwrite: bool) -> None:
+def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") -> None:
     from probekd.experiment import run_experiment
     from probekd.report.report import terminal_table, write_report
 
-    run_experiment(cfg, out, overwrite=overwrite)
+    run_experiment(cfg, out, overwrite=overwrite, stage=stage)
+    if stage == "targets":
+        typer.echo(f"targets of {len(list((out / 'targets').glob('*-s*.npz')))} grid cells under {out / 'targets'}")
+        return
     report = write_report(out)
     probes = json.loads((out / "probes" / "summary.json").read_text())
     typer.echo(
@@ -236,6 +240,14 @@ def _run_and_report(cfg: Any, out: Path, overwrite: bool) -> None:
     typer.echo(str(report))
 
 
+class Stage(StrEnum):
+    """Which part of `probekd run` to do (see `probekd.experiment.run_experiment`)."""
+
+    all = "all"
+    targets = "targets"
+    students = "students"
+
+
 @app.command("run")
 def run(
     config: Annotated[Path, typer.Argument(help="YAML run configuration (see `probekd demo --show-config`).")],
@@ -244,12 +256,19 @@ def run(
         list[str] | None, typer.Option("--set", help="Override a field: --set train.epochs=2 (repeatable).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo stages made with another configuration.")] = False,
+    stage: Annotated[
+        Stage,
+        typer.Option(
+            help="`targets`: extraction, probes and soft targets (needs the teacher); `students`: the student grid "
+            "and report from those targets (needs neither the teacher nor its caches); `all`: both."
+        ),
+    ] = Stage.all,
 ) -> None:
     """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped."""
     from probekd.config import load_config
 
     cfg = load_config(config, set_)
-    _run_and_report(cfg, out or Path("runs") / config.stem, overwrite)
+    _run_and_report(cfg, out or Path("runs") / config.stem, overwrite, stage.value)
 
 
 @app.command("report")
@@ -286,7 +305,12 @@ def demo(
 
 def main() -> None:
     """Entry point: run the CLI; errors caused by input print one line and exit with status 2."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     from probekd.allocator import reuse_freed_memory
 
     reuse_freed_memory()

@@ -1,9 +1,12 @@
 """A whole run: extraction, probes, soft targets, the grid of students, evaluation, report; each stage skipped
-when its artifact is already there, so an interrupted run resumes where it stopped.
+when its artifact is already there, so an interrupted run resumes where it stopped. The work splits in two stages:
+`targets` needs the teacher and its caches, `students` needs only the small files under RUN/targets/ (and can run
+on another machine, e.g. one with a GPU).
 
     RUN/config.yaml                        the resolved configuration
     RUN/teacher/<split>/, RUN/probes/      see `probekd extract`, `probekd probe`
     RUN/targets/<signal>-f<frac>-s<seed>.npz   training-split soft targets of one grid cell (`probekd.targets`)
+    RUN/targets/answers-<split>.npz        ids, option masks, gold answers, teacher scores (no hidden states)
     RUN/students/<signal>-f<frac>-s<seed>/metrics.json   one trained and evaluated student
     RUN/report/                            `probekd report`
 """
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from probekd.atomic import write_json, write_text
+from probekd.atomic import write_json, write_npz, write_text
 from probekd.config import RunConfig, dump_config
 from probekd.data.examples import MCQExample
 from probekd.errors import ProbekdError
@@ -65,12 +68,6 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
     write_text(path, dump_config(cfg))
 
 
-def _padded_mask(c: TeacherCache, kmax: int) -> np.ndarray:
-    m = np.zeros((len(c.ids), kmax), dtype=bool)
-    m[:, : c.mask.shape[1]] = c.mask
-    return m
-
-
 def _examples_by_id(cfg: RunConfig) -> dict[str, dict[str, MCQExample]]:
     from probekd.data import load_task
 
@@ -78,24 +75,89 @@ def _examples_by_id(cfg: RunConfig) -> dict[str, dict[str, MCQExample]]:
     return {s: {e.id: e for e in loaded.splits[s]} for s in ("train", "dev", "test") if s in loaded.splits}
 
 
-def _cell_targets(
-    run: Path,
-    name: str,
-    signal: str,
-    caches: dict[str, TeacherCache],
-    labelled: np.ndarray,
-    cfg: RunConfig,
-    layer_idx: list[int],
-) -> SoftTargets:
-    path = run / "targets" / f"{name}.npz"
-    if path.exists():
-        return SoftTargets.load(path)
-    t0 = time.perf_counter()
-    made = signal_targets(signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature)["train"]
-    made.meta["n_labelled"] = int(labelled.sum())
-    made.meta["seconds"] = round(time.perf_counter() - t0, 2)
-    made.save(path)
-    return made
+def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
+    """The training rows whose gold label a cell may use: the nested subset of the labelled rows."""
+    lab_all = train.answers >= 0
+    labelled = np.zeros(len(train.ids), dtype=bool)
+    lab_ids = [i for i, ok in zip(train.ids, lab_all, strict=True) if ok]
+    labelled[np.flatnonzero(lab_all)] = labelled_subset(lab_ids, fraction, seed)
+    return labelled
+
+
+def _targets_path(run: Path, name: str) -> Path:
+    return run / "targets" / f"{name}.npz"
+
+
+def _answers_path(run: Path, split: str) -> Path:
+    return run / "targets" / f"answers-{split}.npz"
+
+
+def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
+    """What the student stage needs of the teacher caches (ids, option mask, gold answers, the teacher's own
+    scores), without the hidden states, so that stage can run where the caches are not."""
+    for split, c in caches.items():
+        write_npz(
+            _answers_path(run, split),
+            ids=np.array(c.ids),
+            scores=c.scores,
+            mask=c.mask,
+            answers=c.answers,
+            meta=np.array(json.dumps({"formulation": c.manifest["formulation"], "layers": c.layers})),
+        )
+
+
+def load_answers(run: Path) -> dict[str, TeacherCache]:
+    """The caches of `run` as `save_answers` wrote them (`hidden` empty)."""
+    caches = {}
+    for split in ("train", "dev", "test"):
+        path = _answers_path(run, split)
+        if not path.exists():
+            raise ProbekdError(
+                f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`, where the "
+                "teacher caches are)"
+            )
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            caches[split] = TeacherCache(
+                {"formulation": meta["formulation"], "layers": meta["layers"]},
+                [str(i) for i in z["ids"]],
+                np.empty((0,), dtype=np.float32),
+                z["scores"],
+                z["mask"].astype(bool),
+                z["answers"],
+            )
+    return caches
+
+
+def _cells(cfg: RunConfig) -> list[tuple[str, float, int]]:
+    return [(s, f, seed) for f in cfg.grid.fractions for seed in cfg.grid.seeds for s in cfg.grid.signals]
+
+
+def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> None:
+    """The stages that need the teacher: extraction, probes, and every grid cell's soft targets (each written to
+    RUN/targets/<cell>.npz, skipped when there), plus the teacher's answers the student stage reads."""
+    from probekd.teacher.pipeline import extract_task
+
+    check_run_dir(run, cfg, overwrite)
+    extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
+    run_probes(run, cfg.probe, overwrite=overwrite)
+    caches, _, layer_idx = load_inputs(run, cfg.probe)
+    if "test" not in caches:
+        raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
+    save_answers(run, caches)
+    cells = _cells(cfg)
+    for n, (signal, fraction, seed) in enumerate(cells, 1):
+        name = cell_name(signal, fraction, seed)
+        path = _targets_path(run, name)
+        if path.exists():
+            continue
+        log.info("targets %d/%d: %s", n, len(cells), name)
+        t0 = time.perf_counter()
+        labelled = _labelled(caches["train"], fraction, seed)
+        made = signal_targets(signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature)["train"]
+        made.meta["n_labelled"] = int(labelled.sum())
+        made.meta["seconds"] = round(time.perf_counter() - t0, 2)
+        made.save(path)
 
 
 def run_cell(
@@ -106,10 +168,9 @@ def run_cell(
     seed: int,
     caches: dict[str, TeacherCache],
     examples: dict[str, dict[str, MCQExample]],
-    layer_idx: list[int],
     probe_test: np.ndarray,
 ) -> dict[str, Any]:
-    """Targets, training and evaluation of one grid cell; returns (and writes) its metrics."""
+    """Training and evaluation of one grid cell from its targets file; returns (and writes) its metrics."""
     from probekd.student.heads import load_student
     from probekd.student.train import Rows, predict, train_student
 
@@ -120,18 +181,23 @@ def run_cell(
     t0 = time.perf_counter()
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
-    lab_all = train.answers >= 0
-    labelled = np.zeros(len(train.ids), dtype=bool)
-    lab_ids = [i for i, ok in zip(train.ids, lab_all, strict=True) if ok]
-    labelled[np.flatnonzero(lab_all)] = labelled_subset(lab_ids, fraction, seed)
-    targets = _cell_targets(run, name, signal, caches, labelled, cfg, layer_idx)
+    labelled = _labelled(train, fraction, seed)
+    path = _targets_path(run, name)
+    if not path.exists():
+        raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")
+    targets = SoftTargets.load(path)
+    if targets.meta.get("n_labelled") != int(labelled.sum()):
+        raise ProbekdError(
+            f"{path} was made from {targets.meta.get('n_labelled')} labelled rows, this cell has "
+            f"{int(labelled.sum())}; redo the targets stage with --overwrite"
+        )
     # rows the student trains on: the labelled subset, plus the unlabelled pool in semi-supervised mode when the
     # signal labels it (hard targets exist only for labelled rows)
     have = set(targets.ids)
     use = labelled | ((cfg.grid.mode == "semi") & np.array([i in have for i in train.ids]))
     rows_idx = np.flatnonzero(use)
     ids = [train.ids[i] for i in rows_idx]
-    mask = _padded_mask(train, kmax)[rows_idx]
+    mask = train.padded_mask(kmax)[rows_idx]
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
     student = load_student(cfg.student, kmax, seed)
@@ -141,10 +207,10 @@ def run_cell(
 
     train_rows = rows_of("train", ids, mask, gold, soft)
     dev, test = caches["dev"], caches["test"]
-    dev_rows = rows_of("dev", dev.ids, _padded_mask(dev, kmax), dev.answers)
+    dev_rows = rows_of("dev", dev.ids, dev.padded_mask(kmax), dev.answers)
     log.info("cell %s: %d training rows (%d labelled), signal %s", name, len(ids), int((gold >= 0).sum()), signal)
     history = train_student(student.module, student.collate, train_rows, dev_rows, cfg.train, out / "checkpoints", seed)
-    test_mask = _padded_mask(test, kmax)
+    test_mask = test.padded_mask(kmax)
     probs = predict(student.module, student.collate, rows_of("test", test.ids, test_mask, test.answers))
     teacher_pred = np.where(test.mask, test.scores, -np.inf).argmax(1)
     metrics = classification_metrics(probs, test.answers, {"teacher": teacher_pred, "probe": probe_test}, seed=seed)
@@ -171,22 +237,29 @@ def run_cell(
     return metrics
 
 
-def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> list[dict[str, Any]]:
-    """All stages of `cfg` into `run`; returns every cell's metrics (finished cells are read, not rerun)."""
-    from probekd.teacher.pipeline import extract_task
+def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage: str = "all") -> list[dict[str, Any]]:
+    """The stages of `cfg` into `run`; returns every cell's metrics (finished cells are read, not rerun).
 
-    check_run_dir(run, cfg, overwrite)
-    extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
-    run_probes(run, cfg.probe, overwrite=overwrite)
-    caches, _, layer_idx = load_inputs(run, cfg.probe)
-    if "test" not in caches:
-        raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
+    `stage`: `all`; `targets` (what needs the teacher, see `prepare_targets`); `students` (the grid of students from
+    those targets: needs only RUN/config.yaml, RUN/probes/ and RUN/targets/, not the teacher or its caches, so it
+    can run on another machine: copy the run directory without `teacher/*/shard-*`)."""
+    if stage not in ("all", "targets", "students"):
+        raise ProbekdError(f"unknown stage {stage!r}; known: all, targets, students")
+    if stage != "students":
+        prepare_targets(cfg, run, overwrite=overwrite)
+        if stage == "targets":
+            return []
+    elif overwrite:
+        raise ProbekdError("--overwrite with --stage students would delete the targets that stage needs")
+    else:
+        check_run_dir(run, cfg)
+    caches = load_answers(run)
     examples = _examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
-    cells = [(s, f, seed) for f in cfg.grid.fractions for seed in cfg.grid.seeds for s in cfg.grid.signals]
+    cells = _cells(cfg)
     results = []
     for n, (signal, fraction, seed) in enumerate(cells, 1):
         log.info("grid cell %d/%d: %s", n, len(cells), cell_name(signal, fraction, seed))
-        results.append(run_cell(run, cfg, signal, fraction, seed, caches, examples, layer_idx, probe_test))
+        results.append(run_cell(run, cfg, signal, fraction, seed, caches, examples, probe_test))
     return results

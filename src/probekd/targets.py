@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from probekd.atomic import atomic_path
+from probekd.atomic import write_npz
 from probekd.errors import ProbekdError
 from probekd.probes.pipeline import LayerFit, ProbeConfig, fit_layers, layer_features
 from probekd.teacher.cache import TeacherCache
@@ -95,15 +95,14 @@ class SoftTargets:
 
     def save(self, path: Path) -> None:
         """Write as .npz (ids, probs, mask, source, meta as JSON), atomically."""
-        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as f:
-            np.savez(
-                f,
-                ids=np.array(self.ids),
-                probs=self.probs,
-                mask=self.mask,
-                source=np.array(self.source),
-                meta=np.array(json.dumps(self.meta, sort_keys=True)),
-            )
+        write_npz(
+            Path(path),
+            ids=np.array(self.ids),
+            probs=self.probs,
+            mask=self.mask,
+            source=np.array(self.source),
+            meta=np.array(json.dumps(self.meta, sort_keys=True)),
+        )
 
     @classmethod
     def load(cls, path: Path) -> SoftTargets:
@@ -161,8 +160,7 @@ def teacher_score_features(c: TeacherCache, kmax: int) -> tuple[torch.Tensor, to
     multinomial model; option: X [1, N, K, 1 + K] (the option's score and a one-hot of its position), for a
     conditional logit, so both can learn a per-position bias and a scale."""
     n, k = c.scores.shape
-    mask = np.zeros((n, kmax), dtype=bool)
-    mask[:, :k] = c.mask
+    mask = c.padded_mask(kmax)
     scores = np.zeros((n, kmax), dtype=np.float32)
     scores[:, :k] = np.where(c.mask, c.scores, 0.0)
     if c.manifest["formulation"] == "letter":
@@ -199,20 +197,15 @@ def signal_targets(
         raise ProbekdError(f"labelled mask has shape {labelled.shape}, the training split has {len(train.ids)} rows")
     kmax = max(c.mask.shape[1] for c in caches.values())
 
-    def padded(c: TeacherCache) -> np.ndarray:
-        m = np.zeros((len(c.ids), kmax), dtype=bool)
-        m[:, : c.mask.shape[1]] = c.mask
-        return m
-
     if signal == "hard":
         answers = np.where(labelled, train.answers, -1)
-        return {"train": hard_targets(train.ids, answers, padded(train))}
+        return {"train": hard_targets(train.ids, answers, train.padded_mask(kmax))}
     if signal == "teacher":
         out = {}
         for split, c in caches.items():
             scores = np.full((len(c.ids), kmax), -np.inf, dtype=np.float32)
             scores[:, : c.scores.shape[1]] = c.scores
-            out[split] = from_logits(c.ids, scores, padded(c), "teacher", teacher_temperature)
+            out[split] = from_logits(c.ids, scores, c.padded_mask(kmax), "teacher", teacher_temperature)
         return out
     y = torch.from_numpy(np.where(labelled, train.answers, -1)).long()
     letter = train.manifest["formulation"] == "letter"

@@ -82,8 +82,7 @@ def _check_same_teacher(caches: dict[str, TeacherCache]) -> None:
 def layer_features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(X, mask) of cached layers `layer_idx` (indices into the cache's layers): X [G, N, H] (letter) or
     [G, N, K, H] (option, `feature` last or mean), options padded to kmax."""
-    mask = np.zeros((len(c.ids), kmax), dtype=bool)
-    mask[:, : c.mask.shape[1]] = c.mask
+    mask = c.padded_mask(kmax)
     if c.manifest["formulation"] == "letter":
         X = np.ascontiguousarray(c.hidden[:, layer_idx].transpose(1, 0, 2))
         return torch.from_numpy(X), torch.from_numpy(mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -46,31 +47,43 @@ def plot_layers(
 
 def plot_data_efficiency(
     path: Path,
-    curves: dict[str, tuple[list[float], list[float], list[float]]],
+    curves: dict[str, tuple[list[float], list[float], list[float], list[float]]],
     *,
     references: dict[str, float],
     title: str,
 ) -> None:
-    """Test accuracy against the labelled fraction: per signal (fractions, means, interval half-widths), a line
-    with a band; `references` (e.g. the teacher's own accuracy) as horizontal lines."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for name, (xs, means, halves) in curves.items():
-        (line,) = ax.plot(xs, means, marker="o", markersize=4, label=name)
-        lo = [m - h for m, h in zip(means, halves, strict=True) if h == h]
-        hi = [m + h for m, h in zip(means, halves, strict=True) if h == h]
-        if len(lo) == len(xs):
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    """Test accuracy against the labelled fraction: per signal (fractions, means, interval lows, interval highs),
+    a line with a band (error bars where there is a single fraction); `references` as horizontal lines."""
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
+    xs_all = sorted({x for xs, *_ in curves.values() for x in xs})
+    offsets = {name: (i - (len(curves) - 1) / 2) * 0.02 for i, name in enumerate(curves)}  # dodge single points
+    for name, (xs, means, lows, highs) in curves.items():
+        ok = all(v == v for v in [*lows, *highs])
+        if len(xs_all) > 1:
+            (line,) = ax.plot(xs, means, marker="o", markersize=4, label=name)
+            if ok:
+                ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.15)
+        else:
+            xd = [x + offsets[name] for x in xs]
+            err = [
+                [m - lo for m, lo in zip(means, lows, strict=True)],
+                [h - m for m, h in zip(means, highs, strict=True)],
+            ]
+            ax.errorbar(
+                xd, means, yerr=err if ok else None, marker="o", markersize=5, capsize=4, linestyle="", label=name
+            )
     for (name, value), style in zip(references.items(), ["--", ":", "-."], strict=False):
         ax.axhline(value, color="black", linestyle=style, linewidth=1, label=f"{name} ({value:.3f})")
-    xs_all = sorted({x for xs, _, _ in curves.values() for x in xs})
     if len(xs_all) > 1 and xs_all[0] > 0 and xs_all[-1] / xs_all[0] >= 8:
         ax.set_xscale("log")
     ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+    if len(xs_all) == 1:
+        ax.set_xlim(xs_all[0] - 0.1, xs_all[0] + 0.1)
     ax.set_xlabel("labelled fraction of the training split")
-    ax.set_ylabel("student test accuracy (mean over seeds, 95% band)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("student test accuracy (95% interval)")
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")

@@ -19,8 +19,9 @@ import yaml
 
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
-from probekd.evaluate import mean_ci
+from probekd.evaluate import bootstrap_ci, mean_ci
 from probekd.report.plots import plot_data_efficiency
+from probekd.teacher.cache import load_cache
 
 LABELS = {
     "hard": "hard labels",
@@ -68,6 +69,8 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": len(cs),
                 "accuracy_mean": round(mean, 4),
                 "accuracy_ci_half": round(half, 4) if half == half else "",
+                # one seed: the test-question bootstrap interval of that student instead
+                "accuracy_ci_bootstrap": [round(x, 4) for x in cs[0]["accuracy_ci"]] if len(cs) == 1 else "",
                 "ece_mean": round(float(np.mean([c["ece"] for c in cs])), 4),
                 "agreement_teacher_mean": round(float(np.mean([c["agreement_teacher"] for c in cs])), 4),
                 "agreement_probe_mean": round(float(np.mean([c["agreement_probe"] for c in cs])), 4),
@@ -76,23 +79,54 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def compare(cells: list[dict[str, Any]], a: str, b: str, fraction: float) -> dict[str, Any] | None:
-    """Paired difference (same seed) of test accuracy, signal `a` minus `b`, at `fraction`, with a verdict."""
-    acc = {(c["signal"], c["seed"]): c["accuracy"] for c in cells if c["fraction"] == fraction}
-    seeds = sorted({s for (sig, s) in acc if sig == a} & {s for (sig, s) in acc if sig == b})
+def _correct(run: Path, cell: dict[str, Any], answers: np.ndarray) -> np.ndarray | None:
+    path = run / "students" / cell["cell"] / "test_probs.npy"
+    if not path.exists():
+        return None
+    probs = np.load(path)
+    lab = answers >= 0
+    return (probs[lab].argmax(1) == answers[lab]).astype(np.float64)
+
+
+def compare(
+    cells: list[dict[str, Any]],
+    a: str,
+    b: str,
+    fraction: float,
+    run: Path | None = None,
+    answers: np.ndarray | None = None,
+) -> dict[str, Any] | None:
+    """Test accuracy of signal `a` minus `b` at `fraction`, paired by seed, with two 95% intervals: a t-interval
+    over seeds (training noise; needs 2+ seeds) and a paired bootstrap over test questions of the seed-averaged
+    correctness (test-set noise; needs the cells' saved test predictions). The verdict needs every available
+    interval to exclude 0."""
+    by = {(c["signal"], c["seed"]): c for c in cells if c["fraction"] == fraction}
+    seeds = sorted({s for (sig, s) in by if sig == a} & {s for (sig, s) in by if sig == b})
     if not seeds:
         return None
-    diffs = [acc[(a, s)] - acc[(b, s)] for s in seeds]
+    diffs = [by[(a, s)]["accuracy"] - by[(b, s)]["accuracy"] for s in seeds]
     mean, half = mean_ci(diffs)
-    if half != half:
-        verdict = "one seed: no interval"
-    elif mean - half > 0:
+    boot = None
+    if run is not None and answers is not None:
+        per = [(_correct(run, by[(a, s)], answers), _correct(run, by[(b, s)], answers)) for s in seeds]
+        if all(x is not None and y is not None for x, y in per):
+            d = np.mean([x - y for x, y in per], axis=0)  # type: ignore[operator]
+            _, lo, hi = bootstrap_ci(d)
+            boot = (lo, hi)
+    intervals = [(mean - half, mean + half)] if half == half else []
+    intervals += [boot] if boot else []
+    if not intervals:
+        verdict = "no interval"
+    elif all(lo > 0 for lo, _ in intervals):
         verdict = "wins"
-    elif mean + half < 0:
+    elif all(hi < 0 for _, hi in intervals):
         verdict = "loses"
     else:
-        verdict = "ties (interval includes 0)"
-    return {"a": a, "b": b, "fraction": fraction, "seeds": len(seeds), "diff": mean, "half": half, "verdict": verdict}
+        verdict = "ties (an interval includes 0)"
+    return {
+        "a": a, "b": b, "fraction": fraction, "seeds": len(seeds), "diff": mean, "half": half,
+        "bootstrap": boot, "verdict": verdict,
+    }  # fmt: skip
 
 
 def _pm(mean: float, half: Any) -> str:
@@ -108,6 +142,9 @@ def write_report(run: Path) -> Path:
     probes_path = run / "probes" / "summary.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
     summary = summarize(cells)
+    answers = None
+    if (run / "teacher" / "test" / "manifest.json").exists():
+        answers = load_cache(run / "teacher" / "test", with_hidden=False).answers
     fractions = sorted({c["fraction"] for c in cells})
     signals = [s for s in LABELS if any(c["signal"] == s for c in cells)]
     comparisons = [
@@ -115,7 +152,7 @@ def write_report(run: Path) -> Path:
         for f in fractions
         for other in signals
         if other != "probe"
-        for r in [compare(cells, "probe", other, f)]
+        for r in [compare(cells, "probe", other, f, run, answers)]
         if r is not None
     ]
     lines = [f"# probekd report: {cfg.get('name', run.name)}", ""]
@@ -150,20 +187,32 @@ def write_report(run: Path) -> Path:
         row = [f"{f:g}"]
         for s in signals:
             r = by.get((s, f))
-            row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
+            if r and r["accuracy_ci_bootstrap"]:
+                lo, hi = r["accuracy_ci_bootstrap"]
+                row.append(f"{r['accuracy_mean']:.3f} [{lo:.3f}, {hi:.3f}] (1)")
+            else:
+                row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "(n) = seeds. ![accuracy vs labelled fraction](data_efficiency.png)", ""]
+    lines += [
+        "",
+        "(n) = seeds; with one seed, [a, b] is the bootstrap 95% interval over test questions.",
+        "",
+        "![accuracy vs labelled fraction](data_efficiency.png)",
+        "",
+    ]
     if comparisons:
         lines += [
             "## Probe-KD against each other signal (paired by seed, test accuracy difference)",
             "",
-            "| fraction | against | difference | seeds | verdict |",
-            "|---|---|---|---|---|",
+            "| fraction | against | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
+            "Probe-KD |",
+            "|---|---|---|---|---|---|",
         ]
         for r in comparisons:
+            boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
             lines.append(
-                f"| {r['fraction']:g} | {LABELS[r['b']]} | {_pm(r['diff'], r['half'])} | {r['seeds']} | "
-                f"Probe-KD {r['verdict']} |"
+                f"| {r['fraction']:g} | {LABELS[r['b']]} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
+                f"{r['verdict']} |"
             )
         lines.append("")
     lines += [
@@ -180,23 +229,25 @@ def write_report(run: Path) -> Path:
         curves = {}
         for s in signals:
             rs = [by[(s, f)] for f in fractions if (s, f) in by]
-            curves[LABELS[s]] = (
-                [r["fraction"] for r in rs],
-                [r["accuracy_mean"] for r in rs],
-                [r["accuracy_ci_half"] if r["accuracy_ci_half"] != "" else float("nan") for r in rs],
-            )
+            lows, highs = [], []
+            for r in rs:
+                if r["accuracy_ci_bootstrap"]:
+                    lo, hi = r["accuracy_ci_bootstrap"]
+                elif r["accuracy_ci_half"] != "":
+                    lo, hi = r["accuracy_mean"] - r["accuracy_ci_half"], r["accuracy_mean"] + r["accuracy_ci_half"]
+                else:
+                    lo = hi = float("nan")
+                lows.append(lo)
+                highs.append(hi)
+            curves[LABELS[s]] = ([r["fraction"] for r in rs], [r["accuracy_mean"] for r in rs], lows, highs)
         refs = {}
         if probes:
             refs = {
-                "teacher's own answer": probes["teacher_accuracy"]["test"],
-                "probe": probes["probe_accuracy"]["test"],
+                "teacher's own answer, test": probes["teacher_accuracy"]["test"],
+                f"probe (layer {probes['chosen_layer']}, all labels), test": probes["probe_accuracy"]["test"],
             }
-        plot_data_efficiency(
-            tmp / "data_efficiency.png",
-            curves,
-            references=refs,
-            title=f"{cfg.get('name', run.name)}: students by signal",
-        )
+        title = f"{cfg.get('name', run.name)}: students by signal"
+        plot_data_efficiency(tmp / "data_efficiency.png", curves, references=refs, title=title)
         if (run / "probes" / "layers.png").exists():
             shutil.copy(run / "probes" / "layers.png", tmp / "layers.png")
         (tmp / "report.md").write_text("\n".join(lines))

@@ -50,8 +50,11 @@ class EncoderStudent(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **kw: Any
     ) -> torch.Tensor:
         extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-        return logits.float().masked_fill(~option_mask, float("-inf"))
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+        k = option_mask.shape[1]
+        if logits.shape[1] < k:  # the batch was run with fewer option columns than the task's K (see collate)
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], k - logits.shape[1]), float("-inf"))], 1)
+        return logits.masked_fill(~option_mask, float("-inf"))
 
 
 class CausalLetterStudent(nn.Module):
@@ -104,10 +107,13 @@ class Student:
         token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
         out: dict[str, torch.Tensor] = {}
         if self.cfg.kind == "encoder":
-            T = max(len(seq) for r in rows for seq in r["input_ids"])
+            # only as many option columns as the batch's longest question has (ARC: K = 5 for a few questions
+            # and 4 for most; the empty fifth pair would cost a quarter of the compute); the student pads back
+            kb = max(int(torch.as_tensor(r["option_mask"]).sum()) for r in rows) if "option_mask" in rows[0] else self.k
+            T = max(len(seq) for r in rows for seq in r["input_ids"][:kb])
             for key in token_keys:
                 fill = pad_id if key == "input_ids" else 0
-                out[key] = torch.tensor([[seq + [fill] * (T - len(seq)) for seq in r[key]] for r in rows])
+                out[key] = torch.tensor([[seq + [fill] * (T - len(seq)) for seq in r[key][:kb]] for r in rows])
         else:
             T = max(len(r["input_ids"]) for r in rows)
             for key in token_keys:

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with a linear warm-up.")
     eval_batch_size: int = Field(32, ge=1, description="Examples per forward pass when predicting.")
+    group_by_length: bool = Field(
+        True, description="Batch training rows of similar length (less padding; random within groups of ~4 batches)."
+    )
     bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
 
 
@@ -92,6 +95,11 @@ class Rows(Dataset):
                 f"targets {None if targets is None else targets.shape}"
             )
         self.rows = []
+        # longest token sequence of each row (the encoder's longest option pair, or the prompt): for batching
+        self.lengths = [
+            max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
+            for ids in (e["input_ids"] for e in encoded)
+        ]
         for i, enc in enumerate(encoded):
             row = dict(enc)
             row["option_mask"] = torch.from_numpy(mask[i])
@@ -141,6 +149,16 @@ def _make_trainer_class() -> type:
             n = num_items_in_batch if num_items_in_batch is not None else len(per)
             value = (weights.float() * per).sum() / n
             return (value, {"logits": logits}) if return_outputs else value
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            ds = train_dataset if train_dataset is not None else self.train_dataset
+            if not self.train_cfg.group_by_length or not isinstance(ds, Rows):
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=ds.lengths
+            )
 
         def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
             # Trainer writes a plain module's state dict with safetensors.save_file, which refuses tied weights (a

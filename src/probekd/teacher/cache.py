@@ -103,6 +103,12 @@ class TeacherCache:
     def layers(self) -> list[int]:
         return list(self.manifest["layers"])
 
+    def padded_mask(self, kmax: int) -> np.ndarray:
+        """The option mask [N, kmax], padded with False to `kmax` options (splits may differ in K)."""
+        m = np.zeros((len(self.ids), kmax), dtype=bool)
+        m[:, : self.mask.shape[1]] = self.mask
+        return m
+
     def teacher_accuracy(self) -> float:
         """Accuracy of the teacher's own answer (argmax of its scores) on the labelled rows."""
         lab = self.answers >= 0
