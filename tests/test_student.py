@@ -38,15 +38,16 @@ def rows_for(student, exs: list[MCQExample], k: int, soft: bool = True) -> Rows:
     return Rows([student.encode(e) for e in exs], m, y, targets)
 
 
-@pytest.mark.parametrize("kind", ["encoder", "causal"])
+@pytest.mark.parametrize(("kind", "formulation"), [("encoder", "letter"), ("causal", "letter"), ("causal", "option")])
 def test_student_learns_and_loss_goes_down(
-    kind: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+    kind: str, formulation: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     folder = tiny_bert_dir if kind == "encoder" else tiny_llama_dir
-    student = load_student(StudentConfig(model=str(folder), kind=kind, prompt="base"), k=4, seed=0)
+    cfg_s = StudentConfig(model=str(folder), kind=kind, formulation=formulation, prompt="base")
+    student = load_student(cfg_s, k=4, seed=0)
     # a tiny random causal LM cannot learn to map a word's position to its letter in a few steps: for it the
     # answer sits at one position, which it must learn from the targets
-    position = None if kind == "encoder" else 1
+    position = 1 if (kind, formulation) == ("causal", "letter") else None
     train, dev = mammal_task(48, position=position), mammal_task(16, seed=1, position=position)
     cfg = TrainConfig(epochs=6, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
     history = train_student(
@@ -58,6 +59,32 @@ def test_student_learns_and_loss_goes_down(
     assert probs.shape == (16, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == answers_array(dev)).mean() >= 0.75
     assert not (tmp_path / "ck").exists()  # checkpoints are removed once the best model is loaded
+
+
+def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_dir: Path) -> None:
+    """Batched, padded and gathered scores equal the mean log-probability of each option's tokens computed from
+    the full logits of each sequence run alone."""
+    cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base", max_length=64)
+    student = load_student(cfg, k=5)
+    exs = [
+        MCQExample("a", "Which is a mammal?", ("dog", "a small green frog", "ant"), 0),
+        MCQExample("b", "What gives plants energy?", ("sun", "water", "heat", "light of the moon", "soil"), 3),
+    ]
+    rows = rows_for(student, exs, 5, soft=False)
+    batch = student.collate([rows[i] for i in range(2)])
+    with torch.no_grad():
+        got = student.module(**{k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+        model = student.module.model
+        for i, ex in enumerate(exs):
+            prefix, conts = student.template.option_texts(ex, student.tokenizer)
+            p = student.tokenizer(prefix)["input_ids"]
+            for j, cont in enumerate(conts):
+                c = student.tokenizer(cont, add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([p + c])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                want = torch.stack([logp[len(p) + n - 1, c[n]] for n in range(len(c))]).mean()
+                assert torch.allclose(got[i, j], want, atol=1e-4), (i, j)
+    assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()
 
 
 def test_missing_options_are_masked(tiny_bert_dir: Path) -> None:
@@ -75,7 +102,9 @@ def _one_sgd_step(student, rows: Rows, grad_accum: int, tmp_path: Path) -> list[
         max_steps=1, max_grad_norm=0.0, save_strategy="no", optim="sgd", lr_scheduler_type="constant",
     )  # fmt: skip
     trainer.train()
-    return [p.detach() - s for p, s in zip(student.module.parameters(), start, strict=True)]
+    return [
+        p.detach().cpu() - s for p, s in zip(student.module.parameters(), start, strict=True)
+    ]  # Trainer may move it to a GPU
 
 
 def test_gradient_accumulation_2x4_equals_batch_8(tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -2,9 +2,13 @@
 
 - `encoder`: question + each option through an encoder with a scoring head (`AutoModelForMultipleChoice`,
   MiniLM-L6 by default); missing options are run as empty texts and masked.
-- `causal`: a causal LM reads the lettered prompt (the same template as the teacher's `letter` formulation) and
-  its logits of the option-letter tokens at the last prompt position are the K logits. The letters must be single
-  tokens of the student's tokenizer (checked, see `probekd.teacher.extract.letter_token_ids`).
+- `causal`, `formulation: letter`: a causal LM reads the lettered prompt (the same template as the teacher's
+  `letter` formulation) and its logits of the option-letter tokens at the last prompt position are the K logits.
+  The letters must be single tokens of the student's tokenizer (checked, see
+  `probekd.teacher.extract.letter_token_ids`).
+- `causal`, `formulation: option`: one sequence per option (question prefix + option text, as the teacher's `option`
+  formulation); an option's logit is the mean log-probability of its tokens (length-normalized log-likelihood).
+  The output layer is applied only at the positions that predict option tokens.
 
 Full fine-tuning by default; LoRA through `peft` as an option (the scoring head stays fully trainable).
 """
@@ -33,10 +37,29 @@ class StudentConfig(BaseModel):
     model: str = Field("minilm-l6", description="Packaged model name, local folder or HF id.")
     kind: StudentKind = Field("encoder", description="`encoder` (multiple-choice head) or `causal` (letter logits).")
     max_length: int = Field(128, ge=8, description="Tokens per (question, option) pair or prompt; longer is cut.")
+    formulation: Literal["letter", "option"] = Field(
+        "letter",
+        description="`causal` students: `letter` (letter logits after the lettered prompt) or `option` (each "
+        "option's length-normalized log-likelihood after the question).",
+    )
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
     prompt: str = Field("auto", description="`causal` students: prompt preset (auto, base, instruct).")
+
+
+def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
+    """Logits [B, Kb] of a batch run with Kb <= K option columns (see `Student.collate`) as [B, K], -inf where
+    an option is missing."""
+    k = option_mask.shape[1]
+    if logits.shape[1] < k:
+        logits = torch.cat([logits, logits.new_full((logits.shape[0], k - logits.shape[1]), float("-inf"))], 1)
+    return logits.masked_fill(~option_mask, float("-inf"))
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class EncoderStudent(nn.Module):
@@ -51,10 +74,7 @@ class EncoderStudent(nn.Module):
     ) -> torch.Tensor:
         extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
-        k = option_mask.shape[1]
-        if logits.shape[1] < k:  # the batch was run with fewer option columns than the task's K (see collate)
-            logits = torch.cat([logits, logits.new_full((logits.shape[0], k - logits.shape[1]), float("-inf"))], 1)
-        return logits.masked_fill(~option_mask, float("-inf"))
+        return _pad_options(logits, option_mask)
 
 
 class CausalLetterStudent(nn.Module):
@@ -68,7 +88,7 @@ class CausalLetterStudent(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **_: Any
     ) -> torch.Tensor:
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = _base(self.model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(1) - 1
         final = hidden[torch.arange(len(last), device=last.device), last]
@@ -77,6 +97,34 @@ class CausalLetterStudent(nn.Module):
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[self.letter_ids]
         return logits.float().masked_fill(~option_mask, float("-inf"))
+
+
+class CausalOptionStudent(nn.Module):
+    """A causal LM scoring each option by the mean log-probability of its tokens after the question prefix."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        option_mask: torch.Tensor,
+        option_tokens: torch.Tensor,
+        **_: Any,
+    ) -> torch.Tensor:
+        b, kb, t = input_ids.shape
+        ids = input_ids.reshape(b * kb, t)
+        base = _base(self.model)
+        hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask.reshape(b * kb, t)).last_hidden_state
+        # token j of a sequence is predicted at position j - 1: only those rows go through the output layer
+        rows, pos = option_tokens.reshape(b * kb, t)[:, 1:].bool().nonzero(as_tuple=True)
+        logits = base.get_output_embeddings()(hidden[rows, pos]).float()  # [M, V]
+        logp = logits.gather(1, ids[rows, pos + 1][:, None])[:, 0] - logits.logsumexp(1)
+        total = logp.new_zeros(b * kb).index_add(0, rows, logp)
+        count = option_tokens.reshape(b * kb, t)[:, 1:].sum(1).clamp_min(1)
+        return _pad_options((total / count).reshape(b, kb), option_mask)
 
 
 @dataclass
@@ -96,17 +144,35 @@ class Student:
             options = list(ex.options) + [""] * (self.k - ex.k)
             enc = tok([ex.question] * self.k, options, truncation="only_first", max_length=self.cfg.max_length)
             return {key: enc[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc}
+        if self.cfg.formulation == "option":
+            return self._encode_options(ex)
         ids = tok(self.template.letter_prompt(ex, tok))["input_ids"]
         if len(ids) > self.cfg.max_length:  # keep the end: the answer cue and the last options
             ids = ids[-self.cfg.max_length :]
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
+    def _encode_options(self, ex: MCQExample) -> dict[str, list[Any]]:
+        """K sequences prefix + option text (missing options: the prefix alone), and which tokens are the
+        option's; a sequence longer than `max_length` loses the start of its prefix."""
+        tok = self.tokenizer
+        prefix, conts = self.template.option_texts(ex, tok)
+        p = tok(prefix)["input_ids"]
+        enc: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "option_tokens": []}
+        for cont in conts + [""] * (self.k - ex.k):
+            c = tok(cont, add_special_tokens=False)["input_ids"] if cont else []
+            c = c[: self.cfg.max_length - 1]
+            ids = (p + c)[-self.cfg.max_length :]
+            enc["input_ids"].append(ids)
+            enc["attention_mask"].append([1] * len(ids))
+            enc["option_tokens"].append([0] * (len(ids) - len(c)) + [1] * len(c))
+        return enc
+
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of encoded rows (right padding) into tensors; other keys are stacked as they are."""
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in rows[0]]
+        token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "option_tokens") if k in rows[0]]
         out: dict[str, torch.Tensor] = {}
-        if self.cfg.kind == "encoder":
+        if isinstance(rows[0]["input_ids"][0], list):  # one sequence per option: [B, K, T]
             # only as many option columns as the batch's longest question has (ARC: K = 5 for a few questions
             # and 4 for most; the empty fifth pair would cost a quarter of the compute); the student pads back
             kb = max(int(torch.as_tensor(r["option_mask"]).sum()) for r in rows) if "option_mask" in rows[0] else self.k
@@ -165,6 +231,8 @@ def load_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     template = get_template(cfg.prompt, tok)
+    if cfg.formulation == "option":
+        return Student(CausalOptionStudent(model), tok, cfg, k, template)
     try:
         ids = letter_token_ids(tok, template, k)
     except ProbekdError as e:
