@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -15,6 +16,7 @@ from probekd.config import load_config
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import run_experiment
 from probekd.report.report import terminal_table, write_report
+from probekd.targets import SoftTargets
 
 
 def tiny_config(teacher: Path, student: Path, **grid) -> dict:
@@ -49,6 +51,11 @@ def test_grid_cells_and_targets(finished_run: Path) -> None:
     assert 0 <= m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1] <= 1
     assert m["targets"]["n_labelled"] == 20 and m["targets"]["layer"] in (1, 2)
     assert not list((finished_run / "students").glob("*/checkpoints"))
+    # at fraction 1 every seed labels the same rows: their targets are copied, not fitted again
+    same = SoftTargets.load(finished_run / "targets" / "probe-f1-s1.npz")
+    first = SoftTargets.load(finished_run / "targets" / "probe-f1-s0.npz")
+    assert same.meta["same_as"] == "probe-f1-s0" and np.array_equal(same.probs, first.probs)
+    assert "same_as" not in SoftTargets.load(finished_run / "targets" / "probe-f0.5-s1.npz").meta
 
 
 def test_report_files_and_tables(finished_run: Path) -> None:
