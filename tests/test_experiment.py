@@ -84,6 +84,13 @@ def test_rerun_skips_finished_work_and_refuses_other_configs(
     base["train"]["alpha"] = 0.9
     with pytest.raises(ProbekdError, match=r"differs in: train\.alpha"):
         run_experiment(load_config(None, base=base), finished_run)
+    # a run directory written before a field was added to the schema (with its default) is still this config
+    saved = finished_run / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["student"]["formulation"]
+    saved.write_text(yaml.safe_dump(old))
+    run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)), finished_run)
+    assert marker.stat().st_mtime_ns == before
 
 
 def test_student_stage_needs_no_teacher_caches(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from probekd.atomic import write_json, write_npz, write_text
 from probekd.config import RunConfig, dump_config
@@ -49,6 +50,10 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
         import yaml
 
         old = yaml.safe_load(path.read_text()) or {}
+        try:  # fields added to the schema since (with their defaults) are no difference
+            old = RunConfig.model_validate(old).model_dump(mode="json")
+        except ValidationError:
+            pass  # compare as written: a field that no longer exists shows as a difference
         new = cfg.model_dump(mode="json")
         diff = []
         for section in _FIXED_SECTIONS:
