@@ -13,6 +13,7 @@ on another machine, e.g. one with a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -50,10 +51,10 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
         import yaml
 
         old = yaml.safe_load(path.read_text()) or {}
-        try:  # fields added to the schema since (with their defaults) are no difference
+        # fields added to the schema since (with their defaults) are no difference; if the old config no longer
+        # validates, it is compared as written (a field that no longer exists shows as a difference)
+        with contextlib.suppress(ValidationError):
             old = RunConfig.model_validate(old).model_dump(mode="json")
-        except ValidationError:
-            pass  # compare as written: a field that no longer exists shows as a difference
         new = cfg.model_dump(mode="json")
         diff = []
         for section in _FIXED_SECTIONS:

@@ -26,3 +26,26 @@ def check_inputs(student_logits: torch.Tensor, target_probs: torch.Tensor, mask:
     if mask.shape != target_probs.shape:
         raise ValueError(f"mask {tuple(mask.shape)} does not match targets {tuple(target_probs.shape)}")
     return mask.bool()
+
+
+def target_log(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p on the valid options where p > 0; 0 elsewhere (the terms those entries weigh are 0)."""
+    return torch.where((p > 0) & mask, p.clamp_min(1e-30).log(), torch.zeros_like(p))
+
+
+def prepare(
+    student_logits: torch.Tensor, target_probs: torch.Tensor, mask: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked inputs as (p, log q, mask): targets p (0 on masked options, as float), the student's tempered
+    log-probabilities log q = log softmax(s / T) over the valid options (-inf on masked ones), and the mask."""
+    mask = check_inputs(student_logits, target_probs, mask)
+    log_q = masked_log_softmax(student_logits, mask, temperature)
+    return target_probs.float().masked_fill(~mask, 0.0), log_q, mask
+
+
+def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p || r) per row, sum over valid options with p > 0 of p (log p - log r)."""
+    keep = (p > 0) & mask
+    return torch.where(keep, p * (log_p - torch.where(keep, log_r, torch.zeros_like(log_r))), torch.zeros_like(p)).sum(
+        -1
+    )
