@@ -130,6 +130,26 @@ def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir:
     assert results["hard"]["n_train_rows"] == 10  # hard labels exist only for the labelled rows
 
 
+def test_loss_and_weighting_axes(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The grid's loss and weighting axes: one student per combination, sharing the cell's targets; the report
+    compares each variant with the forward-KL, unweighted student of its signal."""
+    grid = {"fractions": [1.0], "seeds": [0, 1], "signals": ["probe"], "losses": ["fkl", "fkl>rkl"]}
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, **grid, weightings=["none", "paced"])
+    run = tmp_path / "axes"
+    results = {r["cell"]: r for r in run_experiment(load_config(None, base=base), run)}
+    assert sorted(results) == [
+        "probe-f1-s0", "probe-f1-s0-fkl-paced", "probe-f1-s0-fkl_then_rkl-none", "probe-f1-s0-fkl_then_rkl-paced",
+        "probe-f1-s1", "probe-f1-s1-fkl-paced", "probe-f1-s1-fkl_then_rkl-none", "probe-f1-s1-fkl_then_rkl-paced",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (run / "targets").glob("probe-*")) == ["probe-f1-s0.npz", "probe-f1-s1.npz"]
+    paced = results["probe-f1-s0-fkl-paced"]
+    assert paced["weighting"] == "paced" and paced["weights"][0]["step"] == 0 and paced["weights"][0]["n"] == 40
+    assert results["probe-f1-s0"]["weights"] == []
+    text = write_report(run).read_text()
+    assert "## Losses and weightings against forward KL, unweighted" in text
+    assert "| 1 | Probe-KD · fkl>rkl · paced |" in text
+
+
 def test_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.temprature: unknown field"):
         load_config(None, ["train.temprature=2"])

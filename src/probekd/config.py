@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from probekd.errors import ConfigError
 from probekd.probes.pipeline import ProbeConfig
 from probekd.student.heads import StudentConfig
-from probekd.student.train import TrainConfig
+from probekd.student.train import TrainConfig, check_loss
 from probekd.targets import SIGNALS
 from probekd.teacher.pipeline import ExtractConfig
+from probekd.weighting import Scheme
 
 SPLITS = ("train", "dev", "test")
 
@@ -36,6 +37,17 @@ class GridConfig(BaseModel):
         "training split as an unlabelled pool, with the probe's or teacher's targets and no gold label.",
     )
     teacher_temperature: float = Field(1.0, gt=0, description="Temperature of the `teacher` signal's softmax.")
+    losses: list[str] | None = Field(
+        None, description="Loss axis (values of train.loss, e.g. [fkl, akl, 'fkl>rkl']); default: train.loss alone."
+    )
+    weightings: list[Scheme] | None = Field(
+        None, description="Weighting axis (none, paced, hard_filter); default: train.weighting.scheme alone."
+    )
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else list(dict.fromkeys(check_loss(x) for x in v))
 
     @field_validator("fractions")
     @classmethod

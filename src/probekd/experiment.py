@@ -39,9 +39,13 @@ log = logging.getLogger(__name__)
 _FIXED_SECTIONS = ("task", "teacher", "limit", "extract", "probe", "student", "train")
 
 
-def cell_name(signal: str, fraction: float, seed: int) -> str:
-    """`probe-f0.25-s1`: the name of a grid cell's targets file and student folder."""
-    return f"{signal}-f{fraction:g}-s{seed}"
+def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weighting: str = "none") -> str:
+    """`probe-f0.25-s1`: the name of a grid cell's targets file and student folder; a loss or weighting other than
+    the default adds a suffix (`probe-f0.25-s1-fkl_then_rkl-paced`). Targets files use the name without it."""
+    name = f"{signal}-f{fraction:g}-s{seed}"
+    if (loss, weighting) != ("fkl", "none"):
+        name += f"-{loss.replace('>', '_then_')}-{weighting}"
+    return name
 
 
 def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
@@ -135,8 +139,17 @@ def load_answers(run: Path) -> dict[str, TeacherCache]:
     return caches
 
 
-def _cells(cfg: RunConfig) -> list[tuple[str, float, int]]:
-    return [(s, f, seed) for f in cfg.grid.fractions for seed in cfg.grid.seeds for s in cfg.grid.signals]
+def _cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
+    """(signal, fraction, seed, loss, weighting) of every grid cell."""
+    g = cfg.grid
+    return [
+        (s, f, seed, loss, w)
+        for f in g.fractions
+        for seed in g.seeds
+        for s in g.signals
+        for loss in (g.losses or [cfg.train.loss])
+        for w in (g.weightings or [cfg.train.weighting.scheme])
+    ]
 
 
 def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> None:
@@ -151,7 +164,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     if "test" not in caches:
         raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
     save_answers(run, caches)
-    cells = _cells(cfg)
+    cells = list(dict.fromkeys(c[:3] for c in _cells(cfg)))  # targets depend on (signal, fraction, seed) only
     done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
     for n, (signal, fraction, seed) in enumerate(cells, 1):
         name = cell_name(signal, fraction, seed)
@@ -185,12 +198,14 @@ def run_cell(
     caches: dict[str, TeacherCache],
     examples: dict[str, dict[str, MCQExample]],
     probe_test: np.ndarray,
+    loss: str = "fkl",
+    weighting: str = "none",
 ) -> dict[str, Any]:
     """Training and evaluation of one grid cell from its targets file; returns (and writes) its metrics."""
     from probekd.student.heads import load_student
     from probekd.student.train import Rows, predict, train_student
 
-    name = cell_name(signal, fraction, seed)
+    name = cell_name(signal, fraction, seed, loss, weighting)
     out = run / "students" / name
     if (out / "metrics.json").exists():
         return json.loads((out / "metrics.json").read_text())
@@ -198,7 +213,7 @@ def run_cell(
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
     labelled = _labelled(train, fraction, seed)
-    path = _targets_path(run, name)
+    path = _targets_path(run, cell_name(signal, fraction, seed))
     if not path.exists():
         raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")
     targets = SoftTargets.load(path)
@@ -225,7 +240,10 @@ def run_cell(
     dev, test = caches["dev"], caches["test"]
     dev_rows = rows_of("dev", dev.ids, dev.padded_mask(kmax), dev.answers)
     log.info("cell %s: %d training rows (%d labelled), signal %s", name, len(ids), int((gold >= 0).sum()), signal)
-    history = train_student(student.module, student.collate, train_rows, dev_rows, cfg.train, out / "checkpoints", seed)
+    train_cfg = cfg.train.model_copy(
+        update={"loss": loss, "weighting": cfg.train.weighting.model_copy(update={"scheme": weighting})}
+    )
+    history = train_student(student.module, student.collate, train_rows, dev_rows, train_cfg, out / "checkpoints", seed)
     test_mask = test.padded_mask(kmax)
     probs = predict(student.module, student.collate, rows_of("test", test.ids, test_mask, test.answers))
     teacher_pred = np.where(test.mask, test.scores, -np.inf).argmax(1)
@@ -237,6 +255,9 @@ def run_cell(
             "signal": signal,
             "fraction": fraction,
             "seed": seed,
+            "loss": loss,
+            "weighting": weighting,
+            "weights": [h["weighting"] for h in history if "weighting" in h],
             "mode": cfg.grid.mode,
             "n_train_rows": len(ids),
             "n_labelled": int((gold >= 0).sum()),
@@ -275,7 +296,7 @@ def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage:
         probe_test = z["probs"].argmax(1)
     cells = _cells(cfg)
     results = []
-    for n, (signal, fraction, seed) in enumerate(cells, 1):
-        log.info("grid cell %d/%d: %s", n, len(cells), cell_name(signal, fraction, seed))
-        results.append(run_cell(run, cfg, signal, fraction, seed, caches, examples, probe_test))
+    for n, (signal, fraction, seed, loss, weighting) in enumerate(cells, 1):
+        log.info("grid cell %d/%d: %s", n, len(cells), cell_name(signal, fraction, seed, loss, weighting))
+        results.append(run_cell(run, cfg, signal, fraction, seed, caches, examples, probe_test, loss, weighting))
     return results

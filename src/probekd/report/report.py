@@ -30,19 +30,36 @@ LABELS = {
     "probe": "Probe-KD",
 }
 CELL_COLUMNS = [
-    "signal", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy", "accuracy_ci_low",
-    "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy", "seconds",
+    "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy",
+    "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy",
+    "seconds",
 ]  # fmt: skip
 
 
+def label(variant: str) -> str:
+    """A variant's name in tables: the signal's label, then the loss and weighting when not the default."""
+    signal, _, rest = variant.partition(" · ")
+    return LABELS.get(signal, signal) + (f" · {rest}" if rest else "")
+
+
+def _order(variant: str) -> tuple[int, str]:
+    signal = variant.partition(" · ")[0]
+    return (list(LABELS).index(signal) if signal in LABELS else len(LABELS), variant)
+
+
 def load_cells(run: Path) -> list[dict[str, Any]]:
-    """Every finished cell's metrics under RUN/students/."""
+    """Every finished cell's metrics under RUN/students/, each with its `variant`: the signal, plus the loss and
+    weighting (`probe · fkl>rkl · paced`) when they are not the default forward KL, unweighted."""
     cells = []
     for path in sorted((run / "students").glob("*/metrics.json")):
         try:
-            cells.append(json.loads(path.read_text()))
+            c = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ProbekdError(f"{path} is not valid JSON ({e}); delete it to rerun that cell") from e
+        loss, weighting = c.setdefault("loss", "fkl"), c.setdefault("weighting", "none")
+        default = (loss, weighting) == ("fkl", "none")
+        c["variant"] = c["signal"] if default else f"{c['signal']} · {loss} · {weighting}"
+        cells.append(c)
     return cells
 
 
@@ -55,16 +72,16 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (signal, fraction): mean test accuracy over seeds and the half-width of its 95% t-interval."""
+    """Per (variant, fraction): mean test accuracy over seeds and the half-width of its 95% t-interval."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for c in cells:
-        groups.setdefault((c["signal"], c["fraction"]), []).append(c)
+        groups.setdefault((c["variant"], c["fraction"]), []).append(c)
     out = []
-    for (signal, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], list(LABELS).index(kv[0][0]))):
+    for (variant, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
         mean, half = mean_ci([c["accuracy"] for c in cs])
         out.append(
             {
-                "signal": signal,
+                "variant": variant,
                 "fraction": fraction,
                 "seeds": len(cs),
                 "accuracy_mean": round(mean, 4),
@@ -96,11 +113,11 @@ def compare(
     run: Path | None = None,
     answers: np.ndarray | None = None,
 ) -> dict[str, Any] | None:
-    """Test accuracy of signal `a` minus `b` at `fraction`, paired by seed, with two 95% intervals: a t-interval
+    """Test accuracy of variant `a` minus `b` at `fraction`, paired by seed, with two 95% intervals: a t-interval
     over seeds (training noise; needs 2+ seeds) and a paired bootstrap over test questions of the seed-averaged
     correctness (test-set noise; needs the cells' saved test predictions). The verdict needs every available
     interval to exclude 0."""
-    by = {(c["signal"], c["seed"]): c for c in cells if c["fraction"] == fraction}
+    by = {(c["variant"], c["seed"]): c for c in cells if c["fraction"] == fraction}
     seeds = sorted({s for (sig, s) in by if sig == a} & {s for (sig, s) in by if sig == b})
     if not seeds:
         return None
@@ -133,6 +150,18 @@ def _pm(mean: float, half: Any) -> str:
     return f"{mean:.3f}" if half in ("", None) or half != half else f"{mean:.3f} ± {half:.3f}"
 
 
+def _test_answers(run: Path) -> np.ndarray | None:
+    """Gold test answers, for the paired bootstrap: from RUN/targets/ (present wherever students were trained),
+    else from the teacher cache."""
+    path = run / "targets" / "answers-test.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return np.asarray(z["answers"])
+    if (run / "teacher" / "test" / "manifest.json").exists():
+        return load_cache(run / "teacher" / "test", with_hidden=False).answers
+    return None
+
+
 def write_report(run: Path) -> Path:
     """Write RUN/report/ from the finished cells; returns the path of report.md."""
     cells = load_cells(run)
@@ -142,17 +171,24 @@ def write_report(run: Path) -> Path:
     probes_path = run / "probes" / "summary.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
     summary = summarize(cells)
-    answers = None
-    if (run / "teacher" / "test" / "manifest.json").exists():
-        answers = load_cache(run / "teacher" / "test", with_hidden=False).answers
+    answers = _test_answers(run)
     fractions = sorted({c["fraction"] for c in cells})
-    signals = [s for s in LABELS if any(c["signal"] == s for c in cells)]
+    signals = sorted({c["variant"] for c in cells}, key=_order)
     comparisons = [
         r
         for f in fractions
         for other in signals
-        if other != "probe"
+        if other != "probe" and " · " not in other
         for r in [compare(cells, "probe", other, f, run, answers)]
+        if r is not None
+    ]
+    # each loss / weighting variant against the default (forward KL, unweighted) student of its signal
+    variants = [
+        r
+        for f in fractions
+        for v in signals
+        if " · " in v
+        for r in [compare(cells, v, v.partition(" · ")[0], f, run, answers)]
         if r is not None
     ]
     lines = [f"# probekd report: {cfg.get('name', run.name)}", ""]
@@ -179,10 +215,10 @@ def write_report(run: Path) -> Path:
     lines += [
         "## Student test accuracy (mean ± 95% t-interval over seeds)",
         "",
-        "| fraction | " + " | ".join(LABELS[s] for s in signals) + " |",
+        "| fraction | " + " | ".join(label(s) for s in signals) + " |",
         "|---" * (len(signals) + 1) + "|",
     ]
-    by = {(r["signal"], r["fraction"]): r for r in summary}
+    by = {(r["variant"], r["fraction"]): r for r in summary}
     for f in fractions:
         row = [f"{f:g}"]
         for s in signals:
@@ -211,7 +247,22 @@ def write_report(run: Path) -> Path:
         for r in comparisons:
             boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
             lines.append(
-                f"| {r['fraction']:g} | {LABELS[r['b']]} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
+                f"| {r['fraction']:g} | {label(r['b'])} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
+                f"{r['verdict']} |"
+            )
+        lines.append("")
+    if variants:
+        lines += [
+            "## Losses and weightings against forward KL, unweighted (same signal, paired by seed)",
+            "",
+            "| fraction | variant | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
+            "variant |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in variants:
+            boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
+            lines.append(
+                f"| {r['fraction']:g} | {label(r['a'])} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
                 f"{r['verdict']} |"
             )
         lines.append("")
@@ -239,7 +290,7 @@ def write_report(run: Path) -> Path:
                     lo = hi = float("nan")
                 lows.append(lo)
                 highs.append(hi)
-            curves[LABELS[s]] = ([r["fraction"] for r in rs], [r["accuracy_mean"] for r in rs], lows, highs)
+            curves[label(s)] = ([r["fraction"] for r in rs], [r["accuracy_mean"] for r in rs], lows, highs)
         refs = {}
         if probes:
             refs = {
@@ -258,13 +309,13 @@ def terminal_table(run: Path) -> str:
     """A short table of mean test accuracy per signal and fraction, for the terminal."""
     summary = summarize(load_cells(run))
     fractions = sorted({r["fraction"] for r in summary})
-    signals = [s for s in LABELS if any(r["signal"] == s for r in summary)]
-    by = {(r["signal"], r["fraction"]): r for r in summary}
+    signals = sorted({r["variant"] for r in summary}, key=_order)
+    by = {(r["variant"], r["fraction"]): r for r in summary}
     rows = [["signal", *[f"f={f:g}" for f in fractions]]]
     for s in signals:
         rows.append(
             [
-                LABELS[s],
+                label(s),
                 *[
                     _pm(by[(s, f)]["accuracy_mean"], by[(s, f)]["accuracy_ci_half"]) if (s, f) in by else "-"
                     for f in fractions

@@ -22,14 +22,23 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 from torch.utils.data import Dataset
 
 from probekd import losses
 from probekd.losses.common import masked_log_softmax
+from probekd.weighting import WeightingConfig, weight_stats, weights_for
 
 log = logging.getLogger(__name__)
+
+
+def check_loss(v: str) -> str:
+    """A registered loss name or a two-stage `first>second`; anything else is a ValueError listing the losses."""
+    parts = v.split(">")
+    if len(parts) > 2 or any(x not in losses.names() for x in parts):
+        raise ValueError(f"{v!r} is not a loss or `first>second`; losses: {', '.join(losses.names())}")
+    return v
 
 
 class TrainConfig(BaseModel):
@@ -37,7 +46,14 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    loss: str = Field("fkl", description="Distillation divergence (`probekd.losses` registry name).")
+    loss: str = Field(
+        "fkl",
+        description="Distillation divergence (`probekd.losses` registry name), or `first>second`: a two-stage "
+        "schedule that switches after `switch_at` of the optimizer steps (PACED's best: `fkl>rkl`).",
+    )
+    switch_at: float = Field(
+        0.5, gt=0, lt=1, description="Share of the steps trained with the first of `first>second`."
+    )
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to gold CE.")
     temperature: float = Field(2.0, gt=0, description="Student softmax temperature in the distillation term.")
     epochs: float = Field(4, gt=0, description="Passes over the training rows.")
@@ -51,6 +67,17 @@ class TrainConfig(BaseModel):
         True, description="Batch training rows of similar length (less padding; random within groups of ~4 batches)."
     )
     bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # type: ignore[arg-type]
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return check_loss(v)
+
+    def loss_at(self, step: int, max_steps: int) -> str:
+        """The divergence used at optimizer step `step` of `max_steps` (the two-stage schedule's switch)."""
+        parts = self.loss.split(">")
+        return parts[0] if len(parts) == 1 or step < round(self.switch_at * max_steps) else parts[1]
 
 
 def distill_loss(
@@ -142,7 +169,7 @@ def _make_trainer_class() -> type:
                 targets,
                 labels,
                 inputs["option_mask"],
-                loss=self.train_cfg.loss,
+                loss=self.train_cfg.loss_at(self.state.global_step, self.state.max_steps),
                 alpha=self.train_cfg.alpha,
                 temperature=self.train_cfg.temperature,
             )
@@ -168,6 +195,44 @@ def _make_trainer_class() -> type:
             safetensors.torch.save_model(self.model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     return DistillTrainer
+
+
+def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, seed: int) -> Any:
+    """A `TrainerCallback` that (re)computes the rows' weights from the student's pass rates: at the start (or
+    after `warmup_steps` unweighted steps), then every `refresh_steps`; the weights are written into the rows,
+    which the data loader reads at each batch. Each computation's statistics are kept in `.stats`."""
+    from transformers import TrainerCallback
+
+    gold = np.array([r["labels"] if r["labels"] >= 0 else int(np.argmax(r["targets"].numpy())) for r in rows.rows])
+
+    class PassRateWeights(TrainerCallback):
+        def __init__(self) -> None:
+            self.stats: list[dict[str, Any]] = []
+
+        def _update(self, model: nn.Module, step: int) -> None:
+            was_training = model.training
+            probs = predict(model, collate, rows)
+            model.train(was_training)
+            w = weights_for(cfg, probs, gold, seed + step)
+            for row, wi in zip(rows.rows, w, strict=True):
+                row["weights"] = float(wi)
+            p = probs[np.arange(len(gold)), gold]
+            self.stats.append({"step": step, **weight_stats(w, p)})
+            log.info(
+                "%s weights at step %d: mean pass rate %.3f, effective sample size %.1f%%, zero weight %.1f%%",
+                cfg.scheme, step, p.mean(), 100 * self.stats[-1]["ess_share"], 100 * self.stats[-1]["zero_share"],
+            )  # fmt: skip
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
+            if state.global_step >= cfg.warmup_steps:  # from the start, or resumed past the warm-up
+                self._update(model, state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
+            since = state.global_step - cfg.warmup_steps
+            if since == 0 or (since > 0 and cfg.refresh_steps and since % cfg.refresh_steps == 0):
+                self._update(model, state.global_step)
+
+    return PassRateWeights()
 
 
 def _accuracy(pred: Any) -> dict[str, float]:
@@ -242,15 +307,22 @@ def train_student(
     seed: int,
 ) -> list[dict[str, Any]]:
     """Train `module` in place; keep the epoch with the best dev accuracy. Checkpoints go to `out_dir` (a rerun
-    resumes from the last one) and are removed at the end. Returns Trainer's log history."""
+    resumes from the last one) and are removed at the end. Returns Trainer's log history, followed by one
+    `{"weighting": stats}` entry per computation of the weights (`probekd.weighting.weight_stats`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
     trainer = make_trainer(module, collate, train_rows, dev_rows, cfg, out_dir, seed)
+    weigher = None
+    if cfg.weighting.scheme != "none":
+        weigher = _make_pass_rate_callback(train_rows, collate, cfg.weighting, seed)
+        trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if last:
         log.info("resuming student training from %s", last)
     trainer.train(resume_from_checkpoint=last)
     history = list(trainer.state.log_history)
+    if weigher is not None:
+        history += [{"weighting": st} for st in weigher.stats]
     shutil.rmtree(out_dir, ignore_errors=True)
     return history
 
