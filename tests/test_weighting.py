@@ -81,12 +81,12 @@ def test_two_stage_schedule_switch_step() -> None:
 
 def test_paced_weights_reach_the_trainer(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """With PACED after a warm-up, the rows carry mean-1 weights from the student's pass rates, recomputed every
-    `refresh_steps`, and the history says what they were."""
+    `refresh_epochs`, and the history says what they were."""
     from test_student import mammal_task, rows_for
 
     student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
     rows = rows_for(student, mammal_task(24), 4)
-    weighting = WeightingConfig(scheme="paced", warmup_steps=1, refresh_steps=2)
+    weighting = WeightingConfig(scheme="paced", warmup_epochs=1 / 3, refresh_epochs=2 / 3)  # 3 steps per epoch
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, weighting=weighting)
     history = train_student(student.module, student.collate, rows, rows, cfg, tmp_path / "ck", 0)
     stats = [h["weighting"] for h in history if "weighting" in h]

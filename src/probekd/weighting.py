@@ -40,13 +40,13 @@ class WeightingConfig(BaseModel):
     filter_tol: float = Field(
         0.0, ge=0, lt=0.5, description="`hard_filter` drops p <= tol or p >= 1 - tol (use > 0 with exact rates)."
     )
-    warmup_steps: int = Field(
-        0,
+    warmup_epochs: float = Field(
+        0.0,
         ge=0,
-        description="Unweighted optimizer steps before the pass rates are first computed (a fresh head "
-        "knows nothing); 0: computed from the student as it starts.",
+        description="Epochs of unweighted training before the pass rates are first computed (a fresh "
+        "head knows nothing); 0: computed from the student as it starts.",
     )
-    refresh_steps: int = Field(0, ge=0, description="Recompute pass rates every N steps after; 0: computed once.")
+    refresh_epochs: float = Field(0.0, ge=0, description="Recompute pass rates every this many epochs; 0: once.")
 
 
 def paced_weights(p: np.ndarray, alpha: float = 1.0, beta: float = 1.0) -> np.ndarray:

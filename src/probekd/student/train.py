@@ -197,12 +197,14 @@ def _make_trainer_class() -> type:
     return DistillTrainer
 
 
-def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, seed: int) -> Any:
+def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, steps_per_epoch: int, seed: int) -> Any:
     """A `TrainerCallback` that (re)computes the rows' weights from the student's pass rates: at the start (or
-    after `warmup_steps` unweighted steps), then every `refresh_steps`; the weights are written into the rows,
-    which the data loader reads at each batch. Each computation's statistics are kept in `.stats`."""
+    after `warmup_epochs` of unweighted steps), then every `refresh_epochs`; the weights are written into the
+    rows, which the data loader reads at each batch. Each computation's statistics are kept in `.stats`."""
     from transformers import TrainerCallback
 
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    refresh = max(1, round(cfg.refresh_epochs * steps_per_epoch)) if cfg.refresh_epochs > 0 else 0
     gold = np.array([r["labels"] if r["labels"] >= 0 else int(np.argmax(r["targets"].numpy())) for r in rows.rows])
 
     class PassRateWeights(TrainerCallback):
@@ -224,12 +226,12 @@ def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, see
             )  # fmt: skip
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
-            if state.global_step >= cfg.warmup_steps:  # from the start, or resumed past the warm-up
+            if state.global_step >= warmup:  # from the start, or resumed past the warm-up
                 self._update(model, state.global_step)
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
-            since = state.global_step - cfg.warmup_steps
-            if since == 0 or (since > 0 and cfg.refresh_steps and since % cfg.refresh_steps == 0):
+            since = state.global_step - warmup
+            if since == 0 or (since > 0 and refresh and since % refresh == 0):
                 self._update(model, state.global_step)
 
     return PassRateWeights()
@@ -314,7 +316,9 @@ def train_student(
     trainer = make_trainer(module, collate, train_rows, dev_rows, cfg, out_dir, seed)
     weigher = None
     if cfg.weighting.scheme != "none":
-        weigher = _make_pass_rate_callback(train_rows, collate, cfg.weighting, seed)
+        weigher = _make_pass_rate_callback(
+            train_rows, collate, cfg.weighting, math.ceil(len(train_rows) / cfg.batch_size), seed
+        )
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if last:
