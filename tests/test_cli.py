@@ -157,3 +157,39 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
     assert bad.returncode == 2 and "grid.mode" in bad.stderr and "Traceback" not in bad.stderr
     missing = run("report", str(tmp_path / "nothing"), check=False)
     assert missing.returncode == 2 and "no finished students" in missing.stderr
+
+
+def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """`--stage targets` where the teacher is; the run directory copied without the teacher's shards, and the
+    student model at another path, as on a GPU machine; `scripts/students_parallel.sh` trains one process per seed
+    and writes the report."""
+    import yaml
+
+    cfg = yaml.safe_load(run("demo", "--show-config").stdout)
+    cfg.update(teacher=str(tiny_llama_dir), limit={"train": 24, "dev": 10, "test": 10})
+    cfg["student"]["model"] = str(tiny_bert_dir)
+    cfg["extract"]["prompt"] = "base"
+    cfg["train"].update(epochs=1, batch_size=8)
+    cfg["grid"].update(signals=["hard", "probe"], seeds=[0, 1])
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    here = tmp_path / "here"
+    out = run("run", str(path), "--out", str(here), "--stage", "targets").stdout
+    assert out.strip().splitlines()[-1] == f"targets of 4 grid cells under {here / 'targets'}"
+    assert not (here / "students").exists()
+    there, model = tmp_path / "there", tmp_path / "elsewhere" / "student"
+    shutil.copytree(here, there, ignore=shutil.ignore_patterns("shard-*"))
+    shutil.copytree(tiny_bert_dir, model)
+    script = Path(__file__).parents[1] / "scripts" / "students_parallel.sh"
+    proc = subprocess.run(
+        [str(script), str(model), f"{path}:{there}"],
+        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300,
+    )  # fmt: skip
+    logs = "".join(p.read_text() for p in there.glob("students-*.log"))
+    assert proc.returncode == 0, proc.stderr + logs
+    assert sorted(p.name for p in (there / "students").iterdir()) == [
+        "hard-f1-s0", "hard-f1-s1", "probe-f1-s0", "probe-f1-s1",
+    ]  # fmt: skip
+    assert (there / "report" / "report.md").exists() and not list((there / "teacher").glob("*/shard-*"))
+    saved = yaml.safe_load((there / "config.yaml").read_text())
+    assert saved["student"]["model"] == str(model) and saved["grid"]["seeds"] == [0, 1]
