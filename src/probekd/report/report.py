@@ -150,6 +150,26 @@ def _pm(mean: float, half: Any) -> str:
     return f"{mean:.3f}" if half in ("", None) or half != half else f"{mean:.3f} ± {half:.3f}"
 
 
+def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """Markdown lines of a table of `compare` results, each row named by the given variant (none: no lines)."""
+    if not rows:
+        return []
+    lines = [
+        f"## {title}",
+        "",
+        f"| fraction | {column} | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
+        f"{verdict} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r, name in rows:
+        boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
+        lines.append(
+            f"| {r['fraction']:g} | {label(name)} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
+            f"{r['verdict']} |"
+        )
+    return [*lines, ""]
+
+
 def _test_answers(run: Path) -> np.ndarray | None:
     """Gold test answers, for the paired bootstrap: from RUN/targets/ (present wherever students were trained),
     else from the teacher cache."""
@@ -236,36 +256,14 @@ def write_report(run: Path) -> Path:
         "![accuracy vs labelled fraction](data_efficiency.png)",
         "",
     ]
-    if comparisons:
-        lines += [
-            "## Probe-KD against each other signal (paired by seed, test accuracy difference)",
-            "",
-            "| fraction | against | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
-            "Probe-KD |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in comparisons:
-            boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
-            lines.append(
-                f"| {r['fraction']:g} | {label(r['b'])} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
-                f"{r['verdict']} |"
-            )
-        lines.append("")
-    if variants:
-        lines += [
-            "## Losses and weightings against forward KL, unweighted (same signal, paired by seed)",
-            "",
-            "| fraction | variant | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
-            "variant |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in variants:
-            boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
-            lines.append(
-                f"| {r['fraction']:g} | {label(r['a'])} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
-                f"{r['verdict']} |"
-            )
-        lines.append("")
+    lines += _comparison_table(
+        "Probe-KD against each other signal (paired by seed, test accuracy difference)", "against", "Probe-KD",
+        [(r, r["b"]) for r in comparisons],
+    )  # fmt: skip
+    lines += _comparison_table(
+        "Losses and weightings against forward KL, unweighted (same signal, paired by seed)", "variant", "variant",
+        [(r, r["a"]) for r in variants],
+    )  # fmt: skip
     lines += [
         "Agreement, ECE and per-cell numbers: `results.csv`; means per setting: `summary.csv`.",
         "",
