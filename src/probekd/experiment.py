@@ -7,7 +7,8 @@ on another machine, e.g. one with a GPU).
     RUN/teacher/<split>/, RUN/probes/      see `probekd extract`, `probekd probe`
     RUN/targets/<signal>-f<frac>-s<seed>.npz   training-split soft targets of one grid cell (`probekd.targets`)
     RUN/targets/answers-<split>.npz        ids, option masks, gold answers, teacher scores (no hidden states)
-    RUN/students/<signal>-f<frac>-s<seed>/metrics.json   one trained and evaluated student
+    RUN/students/<cell>/metrics.json       one trained and evaluated student (`cell_name`: signal, fraction,
+                                           seed, and the loss and weighting when not the default)
     RUN/report/                            `probekd report`
 """
 
