@@ -155,6 +155,12 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(None, ["train.temprature=2"])
     with pytest.raises(ConfigError, match=r"grid\.signals: .*unknown signal\(s\) \['logits'\]"):
         load_config(None, ["grid.signals=[hard, logits]"])
+    with pytest.raises(ConfigError, match=r"train\.weighting\.scheme: .*'none', 'paced' or 'hard_filter'"):
+        load_config(None, ["train.weighting.scheme=always"])
+    with pytest.raises(ConfigError, match=r"grid\.losses: .*'kll' is not a loss or `first>second`"):
+        load_config(None, ["grid.losses=[fkl, kll]"])
+    with pytest.raises(ConfigError, match=r"train\.loss: .*'fkl>rkl>js' is not a loss"):
+        load_config(None, ["train.loss=fkl>rkl>js"])
     with pytest.raises(ConfigError, match="--set wants section.field=value"):
         load_config(None, ["train.alpha"])
     bad = tmp_path / "bad.yaml"
