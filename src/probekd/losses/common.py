@@ -49,3 +49,11 @@ def kl_terms(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor, mask: to
     return torch.where(keep, p * (log_p - torch.where(keep, log_r, torch.zeros_like(log_r))), torch.zeros_like(p)).sum(
         -1
     )
+
+
+def kl_to_mixture(
+    x: torch.Tensor, log_x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """KL(x || weight x + (1 - weight) y) per row (the skew KL and skew reverse KL)."""
+    mix = (weight * x + (1 - weight) * y).masked_fill(~mask, 0.0)
+    return kl_terms(x, log_x, target_log(mix, mask), mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from probekd.losses.common import kl_terms, prepare, target_log
+from probekd.losses.common import kl_to_mixture, prepare, target_log
 
 
 def _check(lam: float) -> None:
@@ -24,8 +24,7 @@ def skew_kl(
     """SKL = KL(p || skew p + (1 - skew) q); skew = 0 is forward KL."""
     _check(skew)
     p, log_q, mask = prepare(student_logits, target_probs, mask, temperature)
-    mix = (skew * p + (1 - skew) * log_q.exp()).masked_fill(~mask, 0.0)
-    return kl_terms(p, target_log(p, mask), target_log(mix, mask), mask)
+    return kl_to_mixture(p, target_log(p, mask), log_q.exp().masked_fill(~mask, 0.0), mask, skew)
 
 
 def skew_reverse_kl(
@@ -39,6 +38,4 @@ def skew_reverse_kl(
     """SRKL = KL(q || skew q + (1 - skew) p); finite even where a target is 0 (for skew > 0)."""
     _check(skew)
     p, log_q, mask = prepare(student_logits, target_probs, mask, temperature)
-    q = log_q.exp().masked_fill(~mask, 0.0)
-    mix = (skew * q + (1 - skew) * p).masked_fill(~mask, 0.0)
-    return kl_terms(q, log_q.masked_fill(~mask, 0.0), target_log(mix, mask), mask)
+    return kl_to_mixture(log_q.exp().masked_fill(~mask, 0.0), log_q.masked_fill(~mask, 0.0), p, mask, skew)
