@@ -117,10 +117,10 @@ def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
         )
 
 
-def load_answers(run: Path) -> dict[str, TeacherCache]:
+def load_answers(run: Path, splits: tuple[str, ...] = ("train", "dev", "test")) -> dict[str, TeacherCache]:
     """The caches of `run` as `save_answers` wrote them (`hidden` empty)."""
     caches = {}
-    for split in ("train", "dev", "test"):
+    for split in splits:
         path = _answers_path(run, split)
         if not path.exists():
             raise ProbekdError(
@@ -246,9 +246,10 @@ def run_cell(
     )
     history = train_student(student.module, student.collate, train_rows, dev_rows, train_cfg, out / "checkpoints", seed)
     test_mask = test.padded_mask(kmax)
-    probs = predict(student.module, student.collate, rows_of("test", test.ids, test_mask, test.answers))
-    teacher_pred = np.where(test.mask, test.scores, -np.inf).argmax(1)
-    metrics = classification_metrics(probs, test.answers, {"teacher": teacher_pred, "probe": probe_test}, seed=seed)
+    test_rows = rows_of("test", test.ids, test_mask, test.answers)
+    probs = predict(student.module, student.collate, test_rows, cfg.train.eval_batch_size)
+    others = {"teacher": test.teacher_predictions(), "probe": probe_test}
+    metrics = classification_metrics(probs, test.answers, others, seed=seed)
     dev_acc = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
     metrics.update(
         {

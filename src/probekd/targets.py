@@ -208,9 +208,8 @@ def signal_targets(
             out[split] = from_logits(c.ids, scores, c.padded_mask(kmax), "teacher", teacher_temperature)
         return out
     y = torch.from_numpy(np.where(labelled, train.answers, -1)).long()
-    letter = train.manifest["formulation"] == "letter"
+    kind = "multinomial" if train.manifest["formulation"] == "letter" else "conditional"
     if signal == "probe":
-        kind = "multinomial" if letter else "conditional"
         fit = fit_layers(
             caches, lambda s: layer_features(caches[s], layer_idx, probe_cfg.feature, kmax), kind, probe_cfg, y
         )
@@ -224,7 +223,6 @@ def signal_targets(
             cv_accuracy=round(float(fit.crossfit.cv_accuracy[fit.best]), 4),
         )
     if signal == "teacher_calibrated":
-        kind = "multinomial" if letter else "conditional"
         fit = fit_layers(caches, lambda s: teacher_score_features(caches[s], kmax), kind, probe_cfg, y)
         return _fit_to_targets(
             fit,

@@ -7,6 +7,7 @@ data_efficiency.png, layers.png (the probe layer curve, copied from RUN/probes/)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -173,10 +174,10 @@ def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[di
 def _test_answers(run: Path) -> np.ndarray | None:
     """Gold test answers, for the paired bootstrap: from RUN/targets/ (present wherever students were trained),
     else from the teacher cache."""
-    path = run / "targets" / "answers-test.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return np.asarray(z["answers"])
+    from probekd.experiment import load_answers
+
+    with contextlib.suppress(ProbekdError):
+        return load_answers(run, ("test",))["test"].answers
     if (run / "teacher" / "test" / "manifest.json").exists():
         return load_cache(run / "teacher" / "test", with_hidden=False).answers
     return None

@@ -197,7 +197,9 @@ def _make_trainer_class() -> type:
     return DistillTrainer
 
 
-def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, steps_per_epoch: int, seed: int) -> Any:
+def _make_pass_rate_callback(
+    rows: Rows, collate: Any, cfg: WeightingConfig, steps_per_epoch: int, batch_size: int, seed: int
+) -> Any:
     """A `TrainerCallback` that (re)computes the rows' weights from the student's pass rates: at the start (or
     after `warmup_epochs` of unweighted steps), then every `refresh_epochs`; the weights are written into the
     rows, which the data loader reads at each batch. Each computation's statistics are kept in `.stats`."""
@@ -213,7 +215,7 @@ def _make_pass_rate_callback(rows: Rows, collate: Any, cfg: WeightingConfig, ste
 
         def _update(self, model: nn.Module, step: int) -> None:
             was_training = model.training
-            probs = predict(model, collate, rows)
+            probs = predict(model, collate, rows, batch_size)
             model.train(was_training)
             w = weights_for(cfg, probs, gold, seed + step)
             for row, wi in zip(rows.rows, w, strict=True):
@@ -317,7 +319,7 @@ def train_student(
     weigher = None
     if cfg.weighting.scheme != "none":
         weigher = _make_pass_rate_callback(
-            train_rows, collate, cfg.weighting, math.ceil(len(train_rows) / cfg.batch_size), seed
+            train_rows, collate, cfg.weighting, math.ceil(len(train_rows) / cfg.batch_size), cfg.eval_batch_size, seed
         )
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None

@@ -109,13 +109,16 @@ class TeacherCache:
         m[:, : self.mask.shape[1]] = self.mask
         return m
 
+    def teacher_predictions(self) -> np.ndarray:
+        """The teacher's own answer per row: the argmax of its scores over the valid options."""
+        return np.where(self.mask, self.scores, -np.inf).argmax(1)
+
     def teacher_accuracy(self) -> float:
-        """Accuracy of the teacher's own answer (argmax of its scores) on the labelled rows."""
+        """Accuracy of the teacher's own answer on the labelled rows."""
         lab = self.answers >= 0
         if not lab.any():
             return float("nan")
-        pred = np.where(self.mask, self.scores, -np.inf).argmax(1)
-        return float((pred[lab] == self.answers[lab]).mean())
+        return float((self.teacher_predictions()[lab] == self.answers[lab]).mean())
 
 
 def load_cache(folder: Path, *, with_hidden: bool = True, skip: tuple[str, ...] = ()) -> TeacherCache:
