@@ -48,6 +48,7 @@ bench: models  ## the quick benchmarks (each prints `<name> ratio: <x>` last; se
 	$(BIN)/python bench/bench_extract.py --quick
 	$(BIN)/python bench/bench_extract.py --quick --formulation option
 	$(BIN)/python bench/bench_probes.py --quick
+	$(BIN)/python bench/bench_predict.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

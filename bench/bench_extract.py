@@ -74,6 +74,7 @@ def main() -> None:
     )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype of ours")
+    ap.add_argument("--profile", action="store_true", help="letter: print where our path spends its time (untimed)")
     args = ap.parse_args()
     n = args.n or ((40 if args.formulation == "letter" else 6) if args.quick else 160)
     torch.manual_seed(0)
@@ -108,16 +109,27 @@ def main() -> None:
         t0 = time.perf_counter()
         naive = [naive_letter_extract(naive_t, p, ids[: e.k]) for p, e in zip(prompts, exs, strict=True)]
         t_naive = time.perf_counter() - t0
+
+        def run_ours() -> dict[int, torch.Tensor]:
+            tokens = tok(prompts)["input_ids"]  # timed: the naive loop tokenizes inside
+            prefix = shared_prefix(ours_t, tokens)  # as the pipeline does (once per shard of 256)
+            ours: dict[int, torch.Tensor] = {}
+            for idx in length_batches([len(t) for t in tokens], args.batch_size):
+                _, logits = extract_letter_batch(ours_t, [tokens[i] for i in idx], layers, ids, prefix)
+                assert logits is not None
+                for j, i in enumerate(idx):
+                    ours[i] = logits[j, : exs[i].k]
+            return ours
+
         t0 = time.perf_counter()
-        tokens = tok(prompts)["input_ids"]  # timed: the naive loop tokenizes inside
-        prefix = shared_prefix(ours_t, tokens)  # as the pipeline does (once per shard of 256)
-        ours: dict[int, torch.Tensor] = {}
-        for idx in length_batches([len(t) for t in tokens], args.batch_size):
-            _, logits = extract_letter_batch(ours_t, [tokens[i] for i in idx], layers, ids, prefix)
-            assert logits is not None
-            for j, i in enumerate(idx):
-                ours[i] = logits[j, : exs[i].k]
+        ours = run_ours()
         t_ours = time.perf_counter() - t0
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run_ours()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         same = sum(int(naive[i][1].argmax() == ours[i].argmax()) for i in range(n))
     else:
         n_tok = 0

@@ -94,6 +94,29 @@ def test_missing_options_are_masked(tiny_bert_dir: Path) -> None:
     assert probs.shape == (3, 5) and (probs[:, 3:] == 0).all()
 
 
+def test_predictions_come_back_in_row_order(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Batches run longest first; the probabilities are those of each row alone, in the rows' order, and the
+    Trainer's evaluation (same order trick) reports the accuracy of those predictions."""
+    student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4)
+    rng = random.Random(3)
+    exs = [
+        MCQExample(f"q{i}", " ".join(rng.choices(WORDS, k=rng.randrange(1, 12))), tuple(rng.sample(WORDS, 4)), i % 4)
+        for i in range(13)
+    ]
+    rows = rows_for(student, exs, 4, soft=False)
+    assert rows.longest_first() != list(range(13))  # the lengths differ: the order is not the identity
+    alone = np.concatenate([predict(student.module, student.collate, Rows(*_one(student, e))) for e in exs])
+    batched = predict(student.module, student.collate, rows, batch_size=5)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    trainer = make_trainer(student.module, student.collate, rows, rows, TrainConfig(eval_batch_size=5), tmp_path, 0)
+    want = float((alone.argmax(1) == answers_array(exs)).mean())
+    assert trainer.evaluate()["eval_accuracy"] == pytest.approx(want)
+
+
+def _one(student, ex: MCQExample) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    return [student.encode(ex)], option_mask([ex], 4), answers_array([ex])
+
+
 def _one_sgd_step(student, rows: Rows, grad_accum: int, tmp_path: Path) -> list[torch.Tensor]:
     start = [p.detach().clone() for p in student.module.parameters()]
     cfg = TrainConfig(batch_size=8, grad_accum=grad_accum, learning_rate=1.0, warmup_ratio=0.0, weight_decay=0.0)
