@@ -160,9 +160,9 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
 
 
 def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """`--stage targets` where the teacher is; the run directory copied without the teacher's shards, and the
-    student model at another path, as on a GPU machine; `scripts/students_parallel.sh` trains one process per seed
-    and writes the report."""
+    """`--stage targets` where the teacher is; `scripts/bundle_students_stage.sh` packs the run without the
+    teacher's caches, with the student model, unpacked at another path as on a GPU machine;
+    `scripts/students_parallel.sh` trains one process per seed there and writes the report."""
     import yaml
 
     cfg = yaml.safe_load(run("demo", "--show-config").stdout)
@@ -177,10 +177,18 @@ def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_p
     out = run("run", str(path), "--out", str(here), "--stage", "targets").stdout
     assert out.strip().splitlines()[-1] == f"targets of 4 grid cells under {here / 'targets'}"
     assert not (here / "students").exists()
-    there, model = tmp_path / "there", tmp_path / "elsewhere" / "student"
-    shutil.copytree(here, there, ignore=shutil.ignore_patterns("shard-*"))
-    shutil.copytree(tiny_bert_dir, model)
-    script = Path(__file__).parents[1] / "scripts" / "students_parallel.sh"
+    scripts = Path(__file__).parents[1] / "scripts"
+    bundle = tmp_path / "bundle.tgz"
+    packed = subprocess.run(
+        [str(scripts / "bundle_students_stage.sh"), str(bundle), str(tiny_bert_dir), str(here)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed.stderr
+    elsewhere = tmp_path / "elsewhere"
+    shutil.unpack_archive(bundle, elsewhere)
+    there, model = elsewhere / "runs" / "here", elsewhere / "student"
+    assert (there / "targets").is_dir() and not (there / "teacher").exists()  # the teacher's caches stay here
+    script = scripts / "students_parallel.sh"
     proc = subprocess.run(
         [str(script), str(model), f"{path}:{there}"],
         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300,

@@ -1,0 +1,31 @@
+#!/bin/bash
+# Pack what the `students` stage needs from finished `targets` stages, for a machine that has neither the teacher
+# nor its caches (a GPU box): each run's config.yaml, targets/, probes/{test.npz,summary.json,layers.png} and the
+# students already trained (so they are not retrained), plus one folder with the student model.
+#
+#   scripts/bundle_students_stage.sh OUT.tgz STUDENT_MODEL_DIR RUN_DIR [RUN_DIR ...]
+#
+# On the other machine: tar xzf OUT.tgz; scripts/students_parallel.sh student CONFIG.yaml:runs/NAME ...
+# (the model lands in ./student, each run under ./runs/NAME). The teacher's shards are never packed.
+set -eu
+[ $# -ge 3 ] || { sed -n 2,9p "$0"; exit 2; }
+out=$1
+model=$2
+shift 2
+[ -f "$model/config.json" ] || { echo "error: $model has no config.json: not a model folder" >&2; exit 2; }
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+cp -r "$model" "$stage/student"
+for run in "$@"; do
+  for f in config.yaml targets probes/test.npz probes/summary.json; do
+    [ -e "$run/$f" ] || { echo "error: $run/$f is missing: run its targets stage first" >&2; exit 2; }
+  done
+  dst=$stage/runs/$(basename "$run")
+  mkdir -p "$dst/probes"
+  cp -r "$run/config.yaml" "$run/targets" "$dst/"
+  cp "$run/probes/test.npz" "$run/probes/summary.json" "$dst/probes/"
+  [ -e "$run/probes/layers.png" ] && cp "$run/probes/layers.png" "$dst/probes/"
+  [ -d "$run/students" ] && cp -r "$run/students" "$dst/"
+done
+tar czf "$out" -C "$stage" .
+echo "$out: $(du -h "$out" | cut -f1)"
