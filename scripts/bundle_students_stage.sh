@@ -5,7 +5,7 @@
 #
 #   scripts/bundle_students_stage.sh OUT.tgz STUDENT_MODEL_DIR RUN_DIR [RUN_DIR ...]
 #
-# On the other machine: tar xzf OUT.tgz; scripts/students_parallel.sh student CONFIG.yaml:runs/NAME ...
+# On the other machine: tar xzf OUT.tgz; scripts/students_parallel.sh $PWD/student CONFIG.yaml:runs/NAME ...
 # (the model lands in ./student, each run under ./runs/NAME). The teacher's shards are never packed.
 set -eu
 [ $# -ge 3 ] || { sed -n 2,9p "$0"; exit 2; }
