@@ -302,6 +302,9 @@ def test_probe_stage_writes_complete_consistent_artifacts(tiny_run: Path) -> Non
         acc = float((z["probs"].argmax(1) == c.answers).mean())
         assert s["probe_accuracy"][split] == pytest.approx(acc)
         assert s["teacher_accuracy"][split] == pytest.approx(c.teacher_accuracy())
+        gain = s["probe_minus_teacher"][split]  # the paired difference, its interval around it
+        assert gain["diff"] == pytest.approx(acc - c.teacher_accuracy(), abs=1e-4)
+        assert gain["ci95"][0] <= gain["diff"] <= gain["ci95"][1]
     assert (np.load(out / "train.npz")["folds"] >= 0).all()
     # a rerun with the same inputs is a no-op; other settings are refused without --overwrite
     mtime = (out / "summary.json").stat().st_mtime_ns

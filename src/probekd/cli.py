@@ -181,11 +181,13 @@ def _print_probe_summary(s: dict[str, Any], run: Path) -> None:
         )
     _print_table(rows)
     typer.echo(f"\nchosen layer {s['chosen_layer']} (on dev), temperature {s['temperature']:.2f}")
-    rows = [["split", "teacher acc", "probe acc"]]
+    rows = [["split", "teacher acc", "probe acc", "probe - teacher [95% CI]"]]
     for split, t in s["teacher_accuracy"].items():
-        rows.append([split, f"{t:.3f}", f"{s['probe_accuracy'][split]:.3f}"])
+        g = s.get("probe_minus_teacher", {}).get(split)  # absent in summaries written before it existed
+        gain = f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else "-"
+        rows.append([split, f"{t:.3f}", f"{s['probe_accuracy'][split]:.3f}", gain])
     _print_table(rows)
-    typer.echo("(probe accuracy on train is out-of-fold)")
+    typer.echo("(probe accuracy on train is out-of-fold; intervals: paired bootstrap over questions)")
     typer.echo(str(run / "probes" / "summary.json"))
 
 

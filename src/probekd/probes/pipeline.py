@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
+from probekd.evaluate import bootstrap_ci
 from probekd.probes.calibrate import fit_temperature
 from probekd.probes.crossfit import DEFAULT_L2_GRID, CrossfitResult, crossfit, held_out_nll
 from probekd.probes.linear import Kind
@@ -240,9 +241,15 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         for i, layer in enumerate(layers)
     ]
     teacher_acc = {s: c.teacher_accuracy() for s, c in caches.items()}
-    probe_acc = {}
+    probe_acc, gain = {}, {}
     for s, c in caches.items():
         probe_acc[s] = _accuracy(layer_logits[s][best], torch.from_numpy(c.answers).long())
+        lab = c.answers >= 0
+        if lab.any():  # paired over the same questions: does the probe beat the teacher's own answer?
+            probe_right = layer_logits[s][best].numpy()[lab].argmax(1) == c.answers[lab]
+            teacher_right = c.teacher_predictions()[lab] == c.answers[lab]
+            d, lo, hi = bootstrap_ci(probe_right.astype(float) - teacher_right, n_boot=10_000)
+            gain[s] = {"diff": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)]}
     chance = float(np.mean(1.0 / dev.mask.sum(1)))
     summary: dict[str, Any] = {
         "fingerprint": fp,
@@ -255,6 +262,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         "teacher_accuracy": teacher_acc,
         "probe_accuracy": probe_acc,
         "probe_accuracy_note": "chosen layer; train = out-of-fold (cross-fitted)",
+        "probe_minus_teacher": gain,  # paired bootstrap over questions, 10,000 resamples, seed 0
         "chance_dev": chance,
         "not_converged": res.not_converged,
         "table": table,
