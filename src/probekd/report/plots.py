@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from probekd.atomic import atomic_path
 
@@ -35,6 +36,7 @@ def plot_layers(
     if chosen is not None:
         ax.axvline(chosen, color="tab:red", alpha=0.3, linewidth=6, label=f"chosen layer ({chosen})")
     ax.set_xlabel("layer (0 = embeddings)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
