@@ -94,6 +94,23 @@ def tiny_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return run
 
 
+@pytest.fixture(scope="session")
+def tiny_option_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with option-formulation teacher caches (last-token and mean states) of 40/20/20 ARC-Easy
+    questions (tiny Llama)."""
+    from probekd.data import load_task
+    from probekd.teacher.extract import load_teacher
+    from probekd.teacher.pipeline import ExtractConfig, extract_split
+
+    run = tmp_path_factory.mktemp("option-run")
+    teacher = load_teacher(str(tiny_llama_dir), "cpu")
+    task = load_task("arc_easy")
+    cfg = ExtractConfig(formulation="option", prompt="base", shard_size=16)
+    for split, n in [("train", 40), ("dev", 20), ("test", 20)]:
+        extract_split(teacher, tiny_llama_dir, task.splits[split][:n], run / "teacher" / split, cfg)
+    return run
+
+
 def build_bert_tokenizer():
     """A real WordPiece tokenizer with BERT's [CLS] a [SEP] b [SEP] pair template and token type ids."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers

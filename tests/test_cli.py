@@ -125,9 +125,11 @@ def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path
     assert "probe at layer" in out
     s = json.loads((out_dir / "probes" / "summary.json").read_text())
     assert s["formulation"] == "option" and s["kind"] == "conditional" and s["layers"] == [0, 1, 2]
-    # the mean-over-option feature is a probe option of option caches
-    mean = run("probe", str(out_dir), "--feature", "mean", "--overwrite").stdout
-    assert json.loads(Path(mean.strip().splitlines()[-1]).read_text())["config"]["feature"] == "mean"
+    # option caches can be probed on both states, the (feature, layer) pair chosen on dev
+    both = run("probe", str(out_dir), "--feature", "auto", "--overwrite").stdout.strip().splitlines()
+    s = json.loads(Path(both[-1]).read_text())
+    assert s["config"]["feature"] == "auto" and both[0].split()[:2] == ["feature", "layer"]
+    assert any(x.startswith(f"chosen layer {s['chosen_layer']}, {s['chosen_feature']} state (on dev)") for x in both)
     run("probe", str(out_dir), "--overwrite")  # back to the demo's settings
     # a second run reuses the caches, the probes and the students; `report` rewrites the report alone
     again = run(*args).stdout

@@ -324,3 +324,55 @@ def test_probe_stage_needs_train_and_labelled_dev(tiny_run: Path, tmp_path: Path
     shutil.copytree(tiny_run / "teacher" / "train", tmp_path / "teacher" / "train")
     with pytest.raises(ProbekdError, match="'dev'"):
         run_probes(tmp_path, ProbeConfig())
+
+
+def test_feature_auto_probes_both_states_and_chooses_the_pair_on_dev(tiny_option_run: Path, tmp_path: Path) -> None:
+    """`feature: auto` is the last-token and the mean probes side by side (each group fitted as if alone), with the
+    (feature, layer) pair chosen on dev, and the targets stage reads the same pair."""
+    import json
+
+    from safetensors import safe_open
+
+    from probekd.probes.pipeline import ProbeConfig, load_inputs, run_probes
+    from probekd.probes.select import chosen_label
+    from probekd.targets import signal_targets
+
+    summaries = {}
+    for feature in ("last", "mean", "auto"):
+        run = tmp_path / feature
+        run.mkdir()
+        (run / "teacher").symlink_to(tiny_option_run / "teacher")
+        summaries[feature] = run_probes(run, ProbeConfig(feature=feature, n_folds=3, l2_grid=[1e-2, 1.0]))
+    s = summaries["auto"]
+    assert s["features"] == ["last", "mean"] and s["layers"] == [0, 1, 2]
+    assert [(r["feature"], r["layer"]) for r in s["table"]] == [(f, x) for f in ("last", "mean") for x in (0, 1, 2)]
+    for r in s["table"]:  # each group as in its own single-feature run
+        alone = next(a for a in summaries[r["feature"]]["table"] if a["layer"] == r["layer"])
+        assert r["dev_accuracy"] == pytest.approx(alone["dev_accuracy"], abs=1e-6)
+        assert r["cv_accuracy"] == pytest.approx(alone["cv_accuracy"], abs=1e-6)
+    best = choose_layer(np.array([r["dev_accuracy"] for r in s["table"]]), np.array([r["dev_nll"] for r in s["table"]]))
+    assert (s["chosen_feature"], s["chosen_layer"]) == (s["table"][best]["feature"], s["table"][best]["layer"])
+    assert chosen_label(s) == f"layer {s['chosen_layer']}, {s['chosen_feature']} state"
+    assert chosen_label(summaries["last"]) == f"layer {summaries['last']['chosen_layer']}"
+    out = tmp_path / "auto" / "probes"
+    dev = np.load(out / "dev.npz")
+    assert dev["layer_logits"].shape[0] == 6
+    expected = torch.softmax(torch.from_numpy(dev["layer_logits"][best]) / s["temperature"], -1).numpy()
+    np.testing.assert_allclose(dev["probs"], expected, atol=1e-6)
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["features"]) == ["last"] * 3 + ["mean"] * 3
+        assert f.get_tensor("coef").shape[0] == 6
+    # the targets stage fits the same (feature, layer) groups; with every label it makes the probe stage's targets
+    cfg = ProbeConfig(feature="auto", n_folds=3, l2_grid=[1e-2, 1.0])
+    caches, _, layer_idx = load_inputs(tmp_path / "auto", cfg)
+    targets = signal_targets("probe", caches, np.ones(len(caches["train"].ids), bool), cfg, layer_idx)
+    assert (targets["dev"].meta["feature"], targets["dev"].meta["layer"]) == (s["chosen_feature"], s["chosen_layer"])
+    np.testing.assert_allclose(targets["dev"].probs, dev["probs"], atol=1e-5)
+
+
+def test_feature_auto_on_letter_caches_is_the_single_state(tiny_run: Path, tmp_path: Path) -> None:
+    from probekd.probes.pipeline import ProbeConfig, run_probes
+
+    (tmp_path / "teacher").symlink_to(tiny_run / "teacher")
+    s = run_probes(tmp_path, ProbeConfig(feature="auto", n_folds=3, l2_grid=[1e-2]))
+    assert s["features"] == ["last"] and len(s["table"]) == len(s["layers"]) == 3

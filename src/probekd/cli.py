@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from probekd.errors import ProbekdError
+from probekd.probes.select import chosen_label
 
 app = typer.Typer(
     help="Task-specific knowledge distillation from LLMs via intermediate-layer probes.",
@@ -167,11 +168,14 @@ def extract(
 
 
 def _print_probe_summary(s: dict[str, Any], run: Path) -> None:
-    rows = [["layer", "l2", "cv acc", "dev acc", "dev nll"]]
+    both = len(s.get("features", [])) > 1  # feature `auto`: a column says which state each row probes
+    chosen = (s.get("chosen_feature", "last"), s["chosen_layer"])
+    rows = [(["feature"] if both else []) + ["layer", "l2", "cv acc", "dev acc", "dev nll"]]
     for r in s["table"]:
-        mark = " *" if r["layer"] == s["chosen_layer"] else ""
+        mark = " *" if (r.get("feature", "last"), r["layer"]) == chosen else ""
         rows.append(
-            [
+            ([r["feature"]] if both else [])
+            + [
                 f"{r['layer']}{mark}",
                 f"{r['l2']:.2g}",
                 f"{r['cv_accuracy']:.3f}",
@@ -180,7 +184,7 @@ def _print_probe_summary(s: dict[str, Any], run: Path) -> None:
             ]
         )
     _print_table(rows)
-    typer.echo(f"\nchosen layer {s['chosen_layer']} (on dev), temperature {s['temperature']:.2f}")
+    typer.echo(f"\nchosen {chosen_label(s)} (on dev), temperature {s['temperature']:.2f}")
     rows = [["split", "teacher acc", "probe acc", "probe - teacher [95% CI]"]]
     for split, t in s["teacher_accuracy"].items():
         g = s.get("probe_minus_teacher", {}).get(split)  # absent in summaries written before it existed
@@ -197,7 +201,10 @@ def probe(
         Path, typer.Argument(help="Run directory holding teacher/<split>/ caches (train and dev at least).")
     ],
     feature: Annotated[
-        str, typer.Option(help="`option` formulation: `last` token state or `mean` over the option.")
+        str,
+        typer.Option(
+            help="`option` formulation: `last` token state, `mean` over the option, or `auto` (both, chosen on dev)."
+        ),
     ] = "last",
     layers: Annotated[str, typer.Option(help="`all` cached layers, or comma-separated layer numbers.")] = "all",
     folds: Annotated[int, typer.Option(help="Cross-fitting folds (at least 3).")] = 5,
@@ -234,7 +241,7 @@ def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") ->
     probes = json.loads((out / "probes" / "summary.json").read_text())
     typer.echo(
         f"\nteacher {cfg.teacher} ({cfg.extract.formulation} formulation), test accuracy: own answer "
-        f"{probes['teacher_accuracy']['test']:.3f}, probe at layer {probes['chosen_layer']} "
+        f"{probes['teacher_accuracy']['test']:.3f}, probe at {chosen_label(probes)} "
         f"{probes['probe_accuracy']['test']:.3f}"
     )
     typer.echo(f"students ({cfg.student.model}), test accuracy by signal and labelled fraction:")

@@ -29,7 +29,7 @@ import torch
 
 from probekd.atomic import write_npz
 from probekd.errors import ProbekdError
-from probekd.probes.pipeline import LayerFit, ProbeConfig, fit_layers, layer_features
+from probekd.probes.pipeline import LayerFit, ProbeConfig, fit_layers, layer_features, probe_feature_names
 from probekd.teacher.cache import TeacherCache
 
 Signal = Literal["hard", "teacher", "probe", "teacher_calibrated"]
@@ -214,11 +214,14 @@ def signal_targets(
             caches, lambda s: layer_features(caches[s], layer_idx, probe_cfg.feature, kmax), kind, probe_cfg, y
         )
         layers = [train.layers[i] for i in layer_idx]
+        features = probe_feature_names(train.manifest["formulation"], probe_cfg.feature)
+        feature, layer = [(f, x) for f in features for x in layers][fit.best]
         return _fit_to_targets(
             fit,
             caches,
             "probe",
-            layer=layers[fit.best],
+            layer=layer,
+            feature=feature,
             dev_accuracy=round(float(fit.dev_accuracy[fit.best]), 4),
             cv_accuracy=round(float(fit.crossfit.cv_accuracy[fit.best]), 4),
         )

@@ -1,11 +1,13 @@
 """The probe stage: teacher caches in, `RUN/probes/` out (per-layer table, chosen layer, weights, probabilities, plot).
 
 `RUN/probes/` holds, written together (into a scratch folder, then renamed, so it is complete or absent):
-- `summary.json`: fingerprint, config, chosen layer, temperature, teacher and probe accuracy per split, the table;
-- `layers.csv`: per layer: L2 strength, cross-validated train accuracy and log-loss, validation accuracy and log-loss;
-- `<split>.npz`: `ids`, `probs` [N, K] (chosen layer, calibrated; out-of-fold for labelled training rows),
-  `layer_logits` [L, N, K] (every layer, uncalibrated), `mask`, `answers`;
-- `weights.safetensors`: each layer's full-data probe (standardized space) with its feature mean and scale;
+- `summary.json`: fingerprint, config, chosen layer and feature, temperature, teacher and probe accuracy per split,
+  the table;
+- `layers.csv`: per (feature, layer) group: L2 strength, cross-validated train accuracy and log-loss, validation
+  accuracy and log-loss;
+- `<split>.npz`: `ids`, `probs` [N, K] (chosen group, calibrated; out-of-fold for labelled training rows),
+  `layer_logits` [G, N, K] (every group in the table's order, uncalibrated), `mask`, `answers`;
+- `weights.safetensors`: each group's full-data probe (standardized space) with its feature mean and scale;
 - `layers.png`: probe accuracy by layer with the teacher's own accuracy as a horizontal line.
 """
 
@@ -45,8 +47,10 @@ class ProbeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    feature: Literal["last", "mean"] = Field(
-        "last", description="`option` formulation: the state at the option's last token, or the mean over its tokens."
+    feature: Literal["last", "mean", "auto"] = Field(
+        "last",
+        description="`option` formulation: the state at the option's last token, the mean over its tokens, or "
+        "`auto`: probe both and choose the (feature, layer) pair on dev (twice the fitting time and memory).",
     )
     layers: str | list[int] = Field("all", description="`all` cached layers, or a list of layer numbers.")
     n_folds: int = Field(5, ge=3, description="Cross-fitting folds (nested CV chooses each fold's L2 strength).")
@@ -80,18 +84,30 @@ def _check_same_teacher(caches: dict[str, TeacherCache]) -> None:
             )
 
 
+def probe_feature_names(formulation: str, feature: str) -> tuple[str, ...]:
+    """The features probed: the letter formulation has one state per question (`last`); `auto` probes both."""
+    if formulation == "letter":
+        return ("last",)
+    return ("last", "mean") if feature == "auto" else (feature,)
+
+
 def layer_features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(X, mask) of cached layers `layer_idx` (indices into the cache's layers): X [G, N, H] (letter) or
-    [G, N, K, H] (option, `feature` last or mean), options padded to kmax."""
+    [G, N, K, H] (option), options padded to kmax. The groups are the layers of each feature of
+    `probe_feature_names` in turn (`auto`: every layer's last-token state, then every layer's mean state)."""
     mask = c.padded_mask(kmax)
     if c.manifest["formulation"] == "letter":
         X = np.ascontiguousarray(c.hidden[:, layer_idx].transpose(1, 0, 2))
         return torch.from_numpy(X), torch.from_numpy(mask)
-    h = c.hidden_mean if feature == "mean" else c.hidden
-    if h is None or h.ndim != 4:
-        raise ProbekdError(f"the teacher cache has no {'hidden_mean' if feature == 'mean' else 'hidden'} states")
-    X = np.zeros((len(layer_idx), len(c.ids), kmax, h.shape[-1]), dtype=np.float32)
-    X[:, :, : h.shape[1]] = h[:, :, layer_idx].transpose(2, 0, 1, 3)
+    names = probe_feature_names("option", feature)
+    states = [c.hidden_mean if f == "mean" else c.hidden for f in names]
+    for f, h in zip(names, states, strict=True):
+        if h is None or h.ndim != 4:
+            raise ProbekdError(f"the teacher cache has no {'hidden_mean' if f == 'mean' else 'hidden'} states")
+    L, k = len(layer_idx), c.mask.shape[1]
+    X = np.zeros((len(names) * L, len(c.ids), kmax, states[0].shape[-1]), dtype=np.float32)
+    for j, h in enumerate(states):
+        X[j * L : (j + 1) * L, :, :k] = h[:, :, layer_idx].transpose(2, 0, 1, 3)
     return torch.from_numpy(X), torch.from_numpy(mask)
 
 
@@ -114,7 +130,7 @@ def load_inputs(run: Path, cfg: ProbeConfig) -> tuple[dict[str, TeacherCache], l
     split_dirs = _splits(run)
     skip: tuple[str, ...] = ()
     if json.loads((split_dirs["train"] / "manifest.json").read_text()).get("formulation") == "option":
-        skip = ("hidden",) if cfg.feature == "mean" else ("hidden_mean",)  # read only the feature used
+        skip = {"mean": ("hidden",), "last": ("hidden_mean",), "auto": ()}[cfg.feature]  # read only what is used
     caches = {s: load_cache(d, skip=skip) for s, d in split_dirs.items()}
     _check_same_teacher(caches)
     cached_layers = caches["train"].layers
@@ -220,6 +236,8 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         "fitting %s probes: %d layers x %d training rows (%d labelled)", kind, len(layers), len(y), int((y >= 0).sum())
     )
     kmax = max(c.mask.shape[1] for c in caches.values())
+    features = probe_feature_names(formulation, cfg.feature)
+    groups = [(f, layer) for f in features for layer in layers]
     fit = fit_layers(caches, lambda s: layer_features(caches[s], layer_idx, cfg.feature, kmax), kind, cfg, y)
     res, layer_logits, dev_acc, dev_nll, best, temperature = (
         fit.crossfit,
@@ -231,6 +249,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
     )
     table = [
         {
+            "feature": feature,
             "layer": layer,
             "l2": float(res.full_l2[i]),
             "cv_accuracy": round(float(res.cv_accuracy[i]), 4),
@@ -238,7 +257,7 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
             "dev_accuracy": round(float(dev_acc[i]), 4),
             "dev_nll": round(float(dev_nll[i]), 4),
         }
-        for i, layer in enumerate(layers)
+        for i, (feature, layer) in enumerate(groups)
     ]
     teacher_acc = {s: c.teacher_accuracy() for s, c in caches.items()}
     probe_acc, gain = {}, {}
@@ -257,7 +276,9 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         "formulation": formulation,
         "kind": kind,
         "layers": layers,
-        "chosen_layer": layers[best],
+        "features": list(features),
+        "chosen_layer": groups[best][1],
+        "chosen_feature": groups[best][0],
         "temperature": temperature,
         "teacher_accuracy": teacher_acc,
         "probe_accuracy": probe_acc,
@@ -289,20 +310,30 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
         save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(tmp / "weights.safetensors"),
-            metadata={"kind": kind, "layers": json.dumps(layers), "temperature": str(temperature)},
+            metadata={
+                "kind": kind,
+                "layers": json.dumps([layer for _, layer in groups]),
+                "features": json.dumps([f for f, _ in groups]),
+                "temperature": str(temperature),
+            },
         )
         (tmp / "layers.csv").write_text(_table_csv(table))
+        curves = {}
+        for f in features:
+            name = f"probe ({f} state)" if len(features) > 1 else "probe"
+            rows = [r for r in table if r["feature"] == f]
+            curves[f"{name}, cross-validated train"] = [r["cv_accuracy"] for r in rows]
+            curves[f"{name}, dev"] = [r["dev_accuracy"] for r in rows]
         plot_layers(
             tmp / "layers.png",
             layers,
-            {
-                "probe, cross-validated train": [r["cv_accuracy"] for r in table],
-                "probe, dev": [r["dev_accuracy"] for r in table],
-            },
+            curves,
             teacher=teacher_acc["dev"],
             chance=chance,
-            chosen=layers[best],
-            title=f"{kind} probes ({formulation} formulation), teacher "
+            chosen=groups[best][1],
+            title=f"{kind} probes ({formulation} formulation"
+            + (f", {' and '.join(features)} state" if formulation == "option" else "")
+            + "), teacher "
             + re.sub(r"-[0-9a-f]{12}$", "", Path(train.manifest["model"]).name),
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

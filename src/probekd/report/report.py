@@ -21,6 +21,7 @@ import yaml
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
 from probekd.evaluate import bootstrap_ci, mean_ci
+from probekd.probes.select import chosen_label
 from probekd.report.plots import plot_data_efficiency
 from probekd.teacher.cache import load_cache
 
@@ -226,7 +227,7 @@ def write_report(run: Path) -> Path:
         lines += [
             "## Teacher and probes (all labelled training data)",
             "",
-            f"| split | teacher's own answer | probe (layer {probes['chosen_layer']}) |",
+            f"| split | teacher's own answer | probe ({chosen_label(probes)}) |",
             "|---|---|---|",
             *[f"| {s} | {t[s]:.3f} | {p[s]:.3f} |" for s in t],
             "",
@@ -294,7 +295,7 @@ def write_report(run: Path) -> Path:
         if probes:
             refs = {
                 "teacher's own answer, test": probes["teacher_accuracy"]["test"],
-                f"probe (layer {probes['chosen_layer']}, all labels), test": probes["probe_accuracy"]["test"],
+                f"probe ({chosen_label(probes)}, all labels), test": probes["probe_accuracy"]["test"],
             }
         title = f"{cfg.get('name', run.name)}: students by signal"
         plot_data_efficiency(tmp / "data_efficiency.png", curves, references=refs, title=title)
