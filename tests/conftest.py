@@ -78,37 +78,33 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run directory with letter-formulation teacher caches of 45/20/20 ARC-Easy questions (tiny Llama)."""
+def _tiny_teacher_run(llama: Path, run: Path, formulation: str, sizes: dict[str, int]) -> Path:
+    """Teacher caches of the first `sizes[split]` ARC-Easy questions per split under `run`/teacher (tiny Llama)."""
     from probekd.data import load_task
     from probekd.teacher.extract import load_teacher
     from probekd.teacher.pipeline import ExtractConfig, extract_split
 
-    run = tmp_path_factory.mktemp("run")
-    teacher = load_teacher(str(tiny_llama_dir), "cpu")
+    teacher = load_teacher(str(llama), "cpu")
     task = load_task("arc_easy")
-    cfg = ExtractConfig(formulation="letter", prompt="base", shard_size=16)
-    for split, n in [("train", 45), ("dev", 20), ("test", 20)]:
-        extract_split(teacher, tiny_llama_dir, task.splits[split][:n], run / "teacher" / split, cfg)
+    cfg = ExtractConfig(formulation=formulation, prompt="base", shard_size=16)  # type: ignore[arg-type]
+    for split, n in sizes.items():
+        extract_split(teacher, llama, task.splits[split][:n], run / "teacher" / split, cfg)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with letter-formulation teacher caches of 45/20/20 ARC-Easy questions (tiny Llama)."""
+    sizes = {"train": 45, "dev": 20, "test": 20}
+    return _tiny_teacher_run(tiny_llama_dir, tmp_path_factory.mktemp("run"), "letter", sizes)
 
 
 @pytest.fixture(scope="session")
 def tiny_option_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory with option-formulation teacher caches (last-token and mean states) of 40/20/20 ARC-Easy
     questions (tiny Llama)."""
-    from probekd.data import load_task
-    from probekd.teacher.extract import load_teacher
-    from probekd.teacher.pipeline import ExtractConfig, extract_split
-
-    run = tmp_path_factory.mktemp("option-run")
-    teacher = load_teacher(str(tiny_llama_dir), "cpu")
-    task = load_task("arc_easy")
-    cfg = ExtractConfig(formulation="option", prompt="base", shard_size=16)
-    for split, n in [("train", 40), ("dev", 20), ("test", 20)]:
-        extract_split(teacher, tiny_llama_dir, task.splits[split][:n], run / "teacher" / split, cfg)
-    return run
+    sizes = {"train": 40, "dev": 20, "test": 20}
+    return _tiny_teacher_run(tiny_llama_dir, tmp_path_factory.mktemp("option-run"), "option", sizes)
 
 
 def build_bert_tokenizer():

@@ -15,7 +15,7 @@ import yaml
 from probekd.config import load_config
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import run_experiment
-from probekd.report.report import terminal_table, write_report
+from probekd.report.report import kept_before_variant, terminal_table, write_report
 from probekd.targets import SoftTargets
 
 
@@ -148,6 +148,30 @@ def test_loss_and_weighting_axes(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_
     text = write_report(run).read_text()
     assert "## Losses and weightings against forward KL, unweighted" in text
     assert "| 1 | Probe-KD · fkl>rkl · paced |" in text
+    # a student flagged as kept before its variant acted is its cell's default student, prediction for prediction
+    train = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    for name, cell in results.items():
+        if kept_before_variant(cell, train):
+            base = name.split("-fkl")[0]
+            probs = [np.load(run / "students" / n / "test_probs.npy") for n in (name, base)]
+            np.testing.assert_array_equal(*probs)
+
+
+def test_kept_before_variant_by_hand() -> None:
+    """226 rows in batches of 16: 15 steps per epoch, 45 in 3 epochs; `fkl>rkl` switches after round(0.5 * 45) = 22
+    steps, PACED's weights start after its 1-epoch warm-up (15 steps); AKL differs from step 0."""
+    train = {"epochs": 3, "batch_size": 16, "switch_at": 0.5, "weighting": {"warmup_epochs": 1.0}}
+    cell = {"n_train_rows": 226, "dev_accuracy_by_epoch": [0.41, 0.36, 0.36]}  # epoch 1 kept (step 15)
+    assert kept_before_variant({**cell, "loss": "fkl>rkl", "weighting": "none"}, train)
+    assert kept_before_variant({**cell, "loss": "fkl", "weighting": "paced"}, train)
+    assert not kept_before_variant({**cell, "loss": "akl", "weighting": "none"}, train)
+    assert not kept_before_variant({**cell, "loss": "fkl", "weighting": "none"}, train)  # the default itself
+    later = {**cell, "dev_accuracy_by_epoch": [0.36, 0.41, 0.40]}  # epoch 2 kept: step 30
+    assert not kept_before_variant({**later, "loss": "fkl>rkl", "weighting": "none"}, train)
+    assert not kept_before_variant({**later, "loss": "fkl", "weighting": "paced"}, train)
+    two_epochs_warmup = {**train, "weighting": {"warmup_epochs": 2}}
+    assert kept_before_variant({**later, "loss": "fkl", "weighting": "paced"}, two_epochs_warmup)
+    assert not kept_before_variant({"n_train_rows": 226, "dev_accuracy_by_epoch": [], "loss": "fkl>rkl"}, train)
 
 
 def test_config_errors(tmp_path: Path) -> None:

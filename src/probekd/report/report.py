@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,35 @@ def compare(
     }  # fmt: skip
 
 
+def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
+    """Whether the student kept for `cell` (its best dev epoch) was saved before its loss or weighting first made it
+    differ from the forward-KL, unweighted student of the same cell (`train`: the run's `train` config): then it
+    *is* that student, and comparing the two tests nothing (PACED's warm-up epoch, the first half of `fkl>rkl`)."""
+    from probekd.student.train import TrainConfig
+
+    dev = cell.get("dev_accuracy_by_epoch") or []
+    if not dev or "n_train_rows" not in cell:
+        return False
+    cfg = TrainConfig(**{**train, "loss": cell.get("loss", "fkl")})
+    steps_per_epoch = math.ceil(cell["n_train_rows"] / cfg.batch_size)
+    first = cfg.first_changed_step(cell.get("weighting", "none"), steps_per_epoch)
+    if first is None:
+        return False
+    kept_at = min((int(np.argmax(dev)) + 1) * steps_per_epoch, math.ceil(cfg.epochs * steps_per_epoch))
+    return kept_at <= first
+
+
+def _flag_early_kept(rows: list[dict[str, Any]], cells: list[dict[str, Any]], train: dict[str, Any]) -> None:
+    """Mark the variant comparisons whose kept students predate the variant (see `kept_before_variant`)."""
+    for r in rows:
+        same = [c for c in cells if c["variant"] == r["a"] and c["fraction"] == r["fraction"]]
+        kept = [kept_before_variant(c, train) for c in same]
+        if kept and all(kept):
+            r["verdict"] = "untested: every seed kept an epoch from before the variant acted"
+        elif any(kept):
+            r["verdict"] += f" ({sum(kept)} of {len(kept)} seeds kept an epoch from before the variant acted)"
+
+
 def _pm(mean: float, half: Any) -> str:
     return f"{mean:.3f}" if half in ("", None) or half != half else f"{mean:.3f} ± {half:.3f}"
 
@@ -213,6 +243,8 @@ def write_report(run: Path) -> Path:
         for r in [compare(cells, v, v.partition(" · ")[0], f, run, answers)]
         if r is not None
     ]
+    if cfg.get("train"):
+        _flag_early_kept(variants, cells, cfg["train"])
     lines = [f"# probekd report: {cfg.get('name', run.name)}", ""]
     lines += [
         f"Task `{cfg.get('task', '?')}`, teacher `{cfg.get('teacher', '?')}` "

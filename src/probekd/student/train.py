@@ -74,6 +74,22 @@ class TrainConfig(BaseModel):
     def _loss(cls, v: str) -> str:
         return check_loss(v)
 
+    def first_changed_step(self, weighting: str, steps_per_epoch: int) -> int | None:
+        """Optimizer steps a student with this loss and `weighting` trains exactly like the forward-KL, unweighted
+        one of the same cell (same data order): 0 for a different loss from the start, the switch of `fkl>...`, the
+        weighting's warm-up; None when it is that default. A model kept (best dev epoch) at or before this step is
+        the default's model, so it says nothing about the variant."""
+        max_steps = math.ceil(self.epochs * steps_per_epoch)
+        parts = self.loss.split(">")
+        changes = []
+        if parts[0] != "fkl":
+            changes.append(0)
+        elif len(parts) > 1 and parts[1] != "fkl":
+            changes.append(round(self.switch_at * max_steps))
+        if weighting != "none":
+            changes.append(round(self.weighting.warmup_epochs * steps_per_epoch))
+        return min(changes) if changes else None
+
     def loss_at(self, step: int, max_steps: int) -> str:
         """The divergence used at optimizer step `step` of `max_steps` (the two-stage schedule's switch)."""
         parts = self.loss.split(">")
