@@ -130,7 +130,7 @@ def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path
     s = json.loads(Path(both[-1]).read_text())
     assert s["config"]["feature"] == "auto" and both[0].split()[:2] == ["feature", "layer"]
     assert any(x.startswith(f"chosen layer {s['chosen_layer']}, {s['chosen_feature']} state (on dev)") for x in both)
-    run("probe", str(out_dir), "--overwrite")  # back to the demo's settings
+    run("probe", str(out_dir), "--feature", "last", "--overwrite")  # back to the demo's settings
     # a second run reuses the caches, the probes and the students; `report` rewrites the report alone
     again = run(*args).stdout
     assert terminal_table(again.splitlines()) == table

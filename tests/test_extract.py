@@ -4,6 +4,7 @@ resume after a kill == uninterrupted run, and a changed prompt is refused by fin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -151,10 +152,21 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("formulation", ["letter", "option"])
-def test_extract_split_cache_and_accuracy(teacher, tiny_llama_dir: Path, tmp_path: Path, formulation: str) -> None:
+def test_extract_split_cache_and_accuracy(
+    teacher, tiny_llama_dir: Path, tmp_path: Path, formulation: str, caplog: pytest.LogCaptureFixture
+) -> None:
     exs = examples(7)
     cfg = ExtractConfig(formulation=formulation, shard_size=3, batch_size=2, prompt="base")
-    summary = extract_split(teacher, tiny_llama_dir, exs, tmp_path, cfg)
+    with caplog.at_level(logging.INFO, logger="probekd.teacher.pipeline"):
+        summary = extract_split(teacher, tiny_llama_dir, exs, tmp_path, cfg, desc="train")
+    # no terminal here, so no bar: a progress line per shard (3 + 3 + 1 examples)
+    progress = [r.getMessage() for r in caplog.records if "ex/s" in r.getMessage()]
+    assert [m.split(" examples")[0] for m in progress] == [
+        "train: shard 0, 3/7",
+        "train: shard 1, 6/7",
+        "train: shard 2, 7/7",
+    ]
+    assert progress[-1].endswith(", 0 min left")
     c = tcache.load_cache(tmp_path)
     assert c.ids == [e.id for e in exs]
     assert c.mask.sum(1).tolist() == [e.k for e in exs]

@@ -205,7 +205,7 @@ def probe(
         typer.Option(
             help="`option` formulation: `last` token state, `mean` over the option, or `auto` (both, chosen on dev)."
         ),
-    ] = "last",
+    ] = "auto",
     layers: Annotated[str, typer.Option(help="`all` cached layers, or comma-separated layer numbers.")] = "all",
     folds: Annotated[int, typer.Option(help="Cross-fitting folds (at least 3).")] = 5,
     l2_grid: Annotated[str | None, typer.Option(help="Comma-separated L2 strengths to choose from.")] = None,

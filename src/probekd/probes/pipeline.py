@@ -48,9 +48,10 @@ class ProbeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     feature: Literal["last", "mean", "auto"] = Field(
-        "last",
+        "auto",
         description="`option` formulation: the state at the option's last token, the mean over its tokens, or "
-        "`auto`: probe both and choose the (feature, layer) pair on dev (twice the fitting time and memory).",
+        "`auto` (the default): probe both and choose the (feature, layer) pair on dev (twice the fitting time and "
+        "memory; on ARC-Easy dev and test the mean state won for both real teachers, docs/RESULTS.md).",
     )
     layers: str | list[int] = Field("all", description="`all` cached layers, or a list of layer numbers.")
     n_folds: int = Field(5, ge=3, description="Cross-fitting folds (nested CV chooses each fold's L2 strength).")

@@ -159,7 +159,7 @@ def extract_split(
     missing = tcache.open_cache(out, manifest, overwrite=overwrite)
     kmax, size = manifest["kmax"], cfg.shard_size
     todo = sum(len(examples[i * size : (i + 1) * size]) for i in missing)
-    t0 = time.perf_counter()
+    t0, done = time.perf_counter(), 0
     with tqdm(total=todo, desc=desc, unit="ex", disable=None) as bar:
         for i in missing:
             exs = examples[i * size : (i + 1) * size]
@@ -171,6 +171,13 @@ def extract_split(
             tensors["scores"] = tensors["scores"].masked_fill(~mask, float("-inf"))
             tensors |= {"mask": mask.to(torch.uint8), "answers": torch.from_numpy(answers_array(exs))}
             tcache.write_shard(out, i, [e.id for e in exs], tensors, cfg.storage_dtype)
+            done += len(exs)
+            if bar.disable:  # no terminal (a background job's log): one line per shard instead of the bar
+                spent = time.perf_counter() - t0
+                eta = (todo - done) * spent / done / 60
+                log.info(
+                    "%s: shard %d, %d/%d examples, %.2f ex/s, %.0f min left", desc, i, done, todo, done / spent, eta
+                )
     seconds = time.perf_counter() - t0
     loaded = tcache.load_cache(out, with_hidden=False)
     summary = {
