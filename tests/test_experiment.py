@@ -216,3 +216,18 @@ def test_config_errors(tmp_path: Path) -> None:
     good.write_text(yaml.safe_dump({"grid": {"fractions": [0.5, 0.1, 0.5]}}))
     cfg = load_config(good, ["train.epochs=2", "student.lora=true"])
     assert cfg.grid.fractions == [0.1, 0.5] and cfg.train.epochs == 2 and cfg.student.lora is True
+
+
+def test_shipped_configs_are_valid() -> None:
+    """Every configuration a user is pointed to loads: the experiments, the demo and the README's quickstart."""
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "experiments").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        assert load_config(path).name, path
+    readme = (root / "README.md").read_text()
+    block = readme.split("```yaml\n# my.yaml\n", 1)[1].split("```", 1)[0]
+    quick = load_config(None, base=yaml.safe_load(block))
+    assert quick.probe.feature == "auto" and quick.grid.signals[-1] == "probe" and quick.extract.formulation == "option"
+    demo = load_config(root / "src" / "probekd" / "configs" / "demo.yaml")
+    assert demo.probe.feature == "last"  # the demo pins the setting its recorded numbers were made with
