@@ -332,6 +332,8 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
             teacher=teacher_acc["dev"],
             chance=chance,
             chosen=groups[best][1],
+            chosen_label=f"chosen: layer {groups[best][1]}"
+            + (f", {groups[best][0]} state" if len(features) > 1 else ""),
             title=f"{kind} probes ({formulation} formulation"
             + (f", {' and '.join(features)} state" if formulation == "option" else "")
             + "), teacher "

@@ -14,6 +14,16 @@ from matplotlib.ticker import MaxNLocator
 from probekd.atomic import atomic_path
 
 
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    """Grid, the legend outside the axes on the right (never over the data), and an atomic PNG write."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def plot_layers(
     path: Path,
     layers: list[int],
@@ -23,10 +33,11 @@ def plot_layers(
     chance: float | None,
     chosen: int | None,
     title: str,
+    chosen_label: str | None = None,
 ) -> None:
     """Probe accuracy by layer, one line per curve, the teacher's own accuracy and chance as horizontal lines,
-    and the chosen layer marked."""
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    and the chosen layer marked (`chosen_label` names it in the legend; default "chosen layer (N)")."""
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
     for name, ys in curves.items():
         ax.plot(layers, ys, marker="o", markersize=3, label=name)
     if teacher is not None:
@@ -34,17 +45,12 @@ def plot_layers(
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3f})")
     if chosen is not None:
-        ax.axvline(chosen, color="tab:red", alpha=0.3, linewidth=6, label=f"chosen layer ({chosen})")
+        ax.axvline(chosen, color="tab:red", alpha=0.3, linewidth=6, label=chosen_label or f"chosen layer ({chosen})")
     ax.set_xlabel("layer (0 = embeddings)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def plot_data_efficiency(
@@ -84,9 +90,4 @@ def plot_data_efficiency(
     ax.set_xlabel("labelled fraction of the training split")
     ax.set_ylabel("student test accuracy (95% interval)")
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over the data
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _finish(fig, ax, path)
