@@ -2,8 +2,9 @@
 
 Baseline (what a user writes): per layer, `StandardScaler` then `LogisticRegressionCV` (lbfgs, multinomial) with the
 same L2 grid (C = 1 / (l2 * n_fit)), the same folds, log-loss scoring, max_iter=100, tol=1e-4; then its
-validation accuracy. Ours: `probekd.probes.crossfit` as the probe stage runs it, which does more than the baseline:
-nested CV (each fold's L2 chosen without that fold), out-of-fold probabilities, and the full-data refit.
+validation accuracy (both sides pick the most probable option among those the question has). Ours:
+`probekd.probes.crossfit` as the probe stage runs it, which does more than the baseline: nested CV (each fold's
+L2 chosen without that fold), out-of-fold probabilities, and the full-data refit.
 
 Features: the letter-formulation teacher cache of a run directory (`--run RUN`, train and dev), or, by default,
 synthetic features shaped like SmolLM2's (576 dims, a few outlier dimensions, signal that rises then falls with
@@ -47,7 +48,7 @@ def synthetic(n_layers: int, n_train: int, n_dev: int, dim: int = 576, k: int = 
         strength = 0.08 * np.sin(np.pi * (layer + 1) / (n_layers + 1))
         X[layer] = (rng.normal(size=(n, dim)) + strength * proto[y]) * scale
     mask = np.ones((n, k), dtype=bool)
-    return X[:, :n_train], y[:n_train], mask[:n_train], X[:, n_train:], y[n_train:]
+    return X[:, :n_train], y[:n_train], mask[:n_train], X[:, n_train:], y[n_train:], mask[n_train:]
 
 
 def from_run(run: Path, layers_every: int):
@@ -57,8 +58,8 @@ def from_run(run: Path, layers_every: int):
     keep = list(range(0, tr.hidden.shape[1], layers_every))
     k = max(tr.mask.shape[1], dv.mask.shape[1])
     Xtr, mask = layer_features(tr, keep, "last", k)  # exactly what the probe stage fits on
-    Xdv, _ = layer_features(dv, keep, "last", k)
-    return (Xtr.numpy(), tr.answers, mask.numpy(), Xdv.numpy(), dv.answers), tr.ids
+    Xdv, mask_dv = layer_features(dv, keep, "last", k)
+    return (Xtr.numpy(), tr.answers, mask.numpy(), Xdv.numpy(), dv.answers, mask_dv.numpy()), tr.ids
 
 
 def main() -> None:
@@ -72,11 +73,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.9's notices about LogisticRegressionCV
     warnings.filterwarnings("ignore", category=ConvergenceWarning)  # max_iter=100 on both sides, by design
     if args.run:
-        (Xtr, ytr, mask, Xdv, ydv), ids = from_run(args.run, args.layers_every)
+        (Xtr, ytr, mask, Xdv, ydv, mask_dv), ids = from_run(args.run, args.layers_every)
         source = f"teacher cache {args.run}"
     else:
         n_layers, n_train, n_dev = (8, 500, 200) if args.quick else (31, 2251, 570)
-        Xtr, ytr, mask, Xdv, ydv = synthetic(n_layers, n_train, n_dev)
+        Xtr, ytr, mask, Xdv, ydv, mask_dv = synthetic(n_layers, n_train, n_dev)
         ids = [f"q{i}" for i in range(len(ytr))]
         source = "synthetic features (576 dims)"
     G, N, D = Xtr.shape
@@ -97,7 +98,7 @@ def main() -> None:
         n_folds=args.folds,
         l2_grid=grid,
     )
-    dev_logits = r.predict_logits(torch.from_numpy(Xdv), torch.ones(len(ydv), mask.shape[1], dtype=torch.bool))
+    dev_logits = r.predict_logits(torch.from_numpy(Xdv), torch.from_numpy(mask_dv))  # absent options: -inf
     ours_acc = (dev_logits.argmax(-1).numpy() == ydv[None]).mean(1)
     t_ours = time.perf_counter() - t0
     print(f"probekd: {t_ours:.1f} s ({r.not_converged} fits stopped before the gradient tolerance)")
@@ -115,7 +116,10 @@ def main() -> None:
             tol=1e-4,
         )
         clf.fit(sc.transform(Xtr[g]), ytr)
-        sk_acc[g] = float((clf.predict(sc.transform(Xdv[g])) == ydv).mean())
+        # the same rule as ours: the most probable option among those the question has
+        proba = np.full(mask_dv.shape, -np.inf)
+        proba[:, clf.classes_] = clf.predict_proba(sc.transform(Xdv[g]))
+        sk_acc[g] = float((np.where(mask_dv, proba, -np.inf).argmax(1) == ydv).mean())
     t_sk = time.perf_counter() - t0
     print(f"sklearn LogisticRegressionCV per layer: {t_sk:.1f} s")
     diff = np.abs(ours_acc - sk_acc)
