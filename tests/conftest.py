@@ -57,6 +57,16 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with hidden size 32 and a real tokenizer, saved as a plain HF folder."""
+    return _tiny_llama(tmp_path_factory, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with the output layer tied to the embeddings, as in SmolLM2, Gemma and Qwen."""
+    return _tiny_llama(tmp_path_factory, tie_word_embeddings=True)
+
+
+def _tiny_llama(tmp_path_factory: pytest.TempPathFactory, *, tie_word_embeddings: bool) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,6 +81,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_key_value_heads=2,
         max_position_embeddings=256,
         pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(folder)

@@ -87,6 +87,42 @@ def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_d
     assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_tied_embeddings_student_keeps_its_best_dev_epoch(
+    lora: bool, tiny_tied_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SmolLM2, Gemma and Qwen tie the output layer to the embeddings: the checkpoint stores the tensor once, and
+    reloading the best dev epoch at the end must neither fail nor untie them, and leaves the best epoch's model."""
+    cfg_s = StudentConfig(model=str(tiny_tied_llama_dir), kind="causal", formulation="option", prompt="base", lora=lora)
+    student = load_student(cfg_s, k=4, seed=0)
+    train, dev = mammal_task(16), mammal_task(12, seed=1)
+    cfg = TrainConfig(epochs=3, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
+    with caplog.at_level("WARNING"):
+        history = train_student(
+            student.module, student.collate, rows_for(student, train, 4), rows_for(student, dev, 4), cfg,
+            tmp_path / "ck", 0,
+        )  # fmt: skip
+    assert not [r for r in caplog.records if "checkpoint" in r.getMessage()]
+    base = student.module.model.get_base_model() if lora else student.module.model
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    by_epoch = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+    probs = predict(student.module, student.collate, rows_for(student, dev, 4))
+    assert len(by_epoch) == 3 and (probs.argmax(1) == answers_array(dev)).mean() == pytest.approx(max(by_epoch))
+
+
+def test_untied_missing_keys_forgives_only_a_tied_twin(tiny_tied_llama_dir: Path, tiny_llama_dir: Path) -> None:
+    from probekd.student.train import untied_missing_keys
+
+    tied = load_student(StudentConfig(model=str(tiny_tied_llama_dir), kind="causal", prompt="base"), k=4).module
+    untied = load_student(StudentConfig(model=str(tiny_llama_dir), kind="causal", prompt="base"), k=4).module
+    emb, head = "model.model.embed_tokens.weight", "model.lm_head.weight"
+    assert untied_missing_keys(tied, [emb]) == [] and untied_missing_keys(tied, [head]) == []
+    assert untied_missing_keys(tied, [emb, head]) == [emb, head]  # neither twin was loaded
+    assert untied_missing_keys(untied, [emb]) == [emb]
+    other = "model.model.norm.weight"
+    assert untied_missing_keys(tied, [emb, other]) == [other]
+
+
 def test_missing_options_are_masked(tiny_bert_dir: Path) -> None:
     student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=5)
     exs = mammal_task(3, k=3)

@@ -222,7 +222,29 @@ def _make_trainer_class() -> type:
             out.mkdir(parents=True, exist_ok=True)
             safetensors.torch.save_model(self.model, str(out / "model.safetensors"), metadata={"format": "pt"})
 
+        def _issue_warnings_after_load(self, load_result: Any) -> None:
+            # Trainer's own version reads `model._keys_to_ignore_on_save`, which only a PreTrainedModel has (an
+            # AttributeError on our student modules, at the end of training). The names save_model left out share
+            # their tensor with one it kept, so they were loaded through it: only the others are worth a warning.
+            missing = untied_missing_keys(self.model, load_result.missing_keys)
+            if missing:
+                log.warning("the best checkpoint lacks these weights (left as they were): %s", missing)
+            if load_result.unexpected_keys:
+                log.warning("the best checkpoint has weights the student does not: %s", load_result.unexpected_keys)
+
     return DistillTrainer
+
+
+def untied_missing_keys(module: nn.Module, missing: list[str]) -> list[str]:
+    """The names in `missing` that were not loaded through a tied twin: a state-dict entry that shares its tensor
+    with an entry not in `missing` (a causal LM's embeddings and output layer) got its values from that entry."""
+    by_storage: dict[tuple[Any, int], list[str]] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if t.numel():
+            by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(name)
+    gone = set(missing)
+    loaded_through_twin = {n for names in by_storage.values() if not gone.issuperset(names) for n in names}
+    return [k for k in missing if k not in loaded_through_twin]
 
 
 def _make_pass_rate_callback(
