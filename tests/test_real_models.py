@@ -1,5 +1,5 @@
 """Tests with the packaged real models (`make test-real`): conversion is interruptible and exact, extraction on
-real ARC-Easy prompts matches the naive reference, and the demo runs."""
+real ARC-Easy prompts matches the naive reference, SmolLM2 trains as a LoRA student, and the demo runs."""
 
 from __future__ import annotations
 
@@ -87,3 +87,32 @@ def test_demo_runs(tmp_path: Path, smollm2: Path) -> None:
     assert "probe at layer" in out.stdout and "Probe-KD" in lines[-2]
     for name in ("layers.png", "data_efficiency.png", "results.csv"):
         assert (tmp_path / "demo" / "report" / name).exists()
+
+
+def test_smollm2_lora_student_trains_and_keeps_its_best_epoch(tmp_path: Path, smollm2: Path) -> None:
+    """SmolLM2 as a LoRA causal student (`option` formulation) on real ARC-Easy questions: training ends by
+    reloading the best dev epoch (its output layer is tied to the embeddings, which once crashed here)."""
+    import numpy as np
+
+    from probekd.data.examples import answers_array, option_mask
+    from probekd.student.heads import StudentConfig, load_student
+    from probekd.student.train import Rows, TrainConfig, predict, train_student
+
+    cfg = StudentConfig(model=NAME, kind="causal", formulation="option", lora=True, max_length=96)
+    student = load_student(cfg, k=5, seed=0)
+    splits = load_task("arc_easy").splits
+    train, dev = splits["train"][:8], splits["dev"][:6]
+
+    def rows(exs: list) -> Rows:
+        y = answers_array(exs)
+        return Rows([student.encode(e) for e in exs], option_mask(exs, 5), y, np.eye(5, dtype=np.float32)[y])
+
+    history = train_student(
+        student.module, student.collate, rows(train), rows(dev), TrainConfig(epochs=2, batch_size=4), tmp_path / "ck", 0
+    )
+    base = student.module.model.get_base_model()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    by_epoch = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+    probs = predict(student.module, student.collate, rows(dev))
+    assert len(by_epoch) == 2 and (probs.argmax(1) == answers_array(dev)).mean() == pytest.approx(max(by_epoch))
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
