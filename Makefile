@@ -49,6 +49,7 @@ bench: models  ## the quick benchmarks (each prints `<name> ratio: <x>` last; se
 	$(BIN)/python bench/bench_extract.py --quick --formulation option
 	$(BIN)/python bench/bench_probes.py --quick
 	$(BIN)/python bench/bench_predict.py --quick
+	$(BIN)/python bench/bench_student.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

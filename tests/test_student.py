@@ -61,6 +61,19 @@ def test_student_learns_and_loss_goes_down(
     assert not (tmp_path / "ck").exists()  # checkpoints are removed once the best model is loaded
 
 
+def _full_sequence_scores(student, ex: MCQExample) -> torch.Tensor:
+    """The reference: each (prefix + option) sequence run alone through the whole LM, its full logits, the mean
+    log-probability of the option's tokens."""
+    prefix, conts = student.template.option_texts(ex, student.tokenizer)
+    p = student.tokenizer(prefix)["input_ids"]
+    out = []
+    for cont in conts:
+        c = student.tokenizer(cont, add_special_tokens=False)["input_ids"]
+        logp = torch.log_softmax(student.module.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+        out.append(torch.stack([logp[len(p) + n - 1, c[n]] for n in range(len(c))]).mean())
+    return torch.stack(out)
+
+
 def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_dir: Path) -> None:
     """Batched, padded and gathered scores equal the mean log-probability of each option's tokens computed from
     the full logits of each sequence run alone."""
@@ -74,17 +87,44 @@ def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_d
     batch = student.collate([rows[i] for i in range(2)])
     with torch.no_grad():
         got = student.module(**{k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
-        model = student.module.model
         for i, ex in enumerate(exs):
-            prefix, conts = student.template.option_texts(ex, student.tokenizer)
-            p = student.tokenizer(prefix)["input_ids"]
-            for j, cont in enumerate(conts):
-                c = student.tokenizer(cont, add_special_tokens=False)["input_ids"]
-                ids = torch.tensor([p + c])
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-                want = torch.stack([logp[len(p) + n - 1, c[n]] for n in range(len(c))]).mean()
-                assert torch.allclose(got[i, j], want, atol=1e-4), (i, j)
+            assert torch.allclose(got[i, : ex.k], _full_sequence_scores(student, ex), atol=1e-4), i
     assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()
+
+
+def test_causal_option_gradients_flow_through_the_shared_prefix(tiny_llama_dir: Path) -> None:
+    """Training runs the prefix once and its cache for every option: the gradients of every weight equal those of
+    the K full sequences run alone (the prefix's share reaches it through the cache)."""
+    cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base")
+    student = load_student(cfg, k=5)
+    student.module.train()
+    exs = [
+        MCQExample("a", "Which is a mammal that lives in the sea?", ("dog", "a small green frog", "whale"), 2),
+        MCQExample("b", "What gives plants energy?", ("sun", "water", "heat", "light of the moon", "soil"), 3),
+    ]
+    rows = rows_for(student, exs, 5, soft=False)
+    batch = student.collate([rows[0], rows[1]])
+    weights = torch.tensor([[1.0, -2.0, 0.5, 0, 0], [0.3, 1.0, -1.0, 2.0, 0.7]])  # a loss that uses every option
+    params = [q for q in student.module.parameters() if q.requires_grad]
+    scores = student.module(**{k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+    got = torch.autograd.grad((scores[:, :5].nan_to_num(neginf=0.0) * weights).sum(), params)
+    want_scores = [_full_sequence_scores(student, ex) for ex in exs]
+    want = torch.autograd.grad(sum((w[: len(s)] * s).sum() for w, s in zip(weights, want_scores, strict=True)), params)
+    assert torch.allclose(scores[0, :3], want_scores[0], atol=1e-5) and torch.allclose(scores[1], want_scores[1])
+    for q, g, w in zip(params, got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4), [n for n, x in student.module.named_parameters() if x is q]
+
+
+def test_causal_option_prefix_loses_its_start_to_fit_max_length(tiny_llama_dir: Path) -> None:
+    cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base", max_length=12)
+    student = load_student(cfg, k=4)
+    ex = MCQExample("a", "Which of these animals is a mammal that lives in the cold sea?", ("a dog", "whale"), 1)
+    enc = student.encode(ex)
+    prefix, _ = student.template.option_texts(ex, student.tokenizer)
+    full = student.tokenizer(prefix)["input_ids"]
+    longest = max(len(c) for c in enc["option_ids"])
+    assert len(enc["input_ids"]) + longest == 12 and enc["input_ids"] == full[-(12 - longest) :]
+    assert enc["option_ids"][2:] == [[], []]  # K = 4: two missing options, no tokens
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -6,9 +6,11 @@
   `letter` formulation) and its logits of the option-letter tokens at the last prompt position are the K logits.
   The letters must be single tokens of the student's tokenizer (checked, see
   `probekd.teacher.extract.letter_token_ids`).
-- `causal`, `formulation: option`: one sequence per option (question prefix + option text, as the teacher's `option`
-  formulation); an option's logit is the mean log-probability of its tokens (length-normalized log-likelihood).
-  The output layer is applied only at the positions that predict option tokens.
+- `causal`, `formulation: option`: question prefix + each option text (as the teacher's `option` formulation); an
+  option's logit is the mean log-probability of its tokens (length-normalized log-likelihood). The prefix runs
+  once per question and its key/value cache is shared by the K continuations, in training too (gradients flow
+  through the cache): on ARC the prefix is most of the tokens, so this is ~K times less compute and activation
+  memory than K full sequences. The output layer is applied only at the positions that predict option tokens.
 
 Full fine-tuning by default; LoRA through `peft` as an option (the scoring head stays fully trainable).
 """
@@ -100,7 +102,11 @@ class CausalLetterStudent(nn.Module):
 
 
 class CausalOptionStudent(nn.Module):
-    """A causal LM scoring each option by the mean log-probability of its tokens after the question prefix."""
+    """A causal LM scoring each option by the mean log-probability of its tokens after the question prefix.
+
+    Inputs (see `Student.collate`): the prefixes `input_ids`/`attention_mask` [B, P] (right padding) and the
+    continuations `option_ids`/`option_attention` [B, Kb, C]. The prefixes run once, their cache is repeated Kb
+    times, and the continuations run on it with position ids that go on from each real prefix length."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -111,19 +117,36 @@ class CausalOptionStudent(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         option_mask: torch.Tensor,
-        option_tokens: torch.Tensor,
+        option_ids: torch.Tensor,
+        option_attention: torch.Tensor,
         **_: Any,
     ) -> torch.Tensor:
-        b, kb, t = input_ids.shape
-        ids = input_ids.reshape(b * kb, t)
+        from transformers import DynamicCache
+
+        b, kb, c = option_ids.shape
         base = _base(self.model)
-        hidden = base.get_decoder()(input_ids=ids, attention_mask=attention_mask.reshape(b * kb, t)).last_hidden_state
-        # token j of a sequence is predicted at position j - 1: only those rows go through the output layer
-        rows, pos = option_tokens.reshape(b * kb, t)[:, 1:].bool().nonzero(as_tuple=True)
-        logits = base.get_output_embeddings()(hidden[rows, pos]).float()  # [M, V]
-        logp = logits.gather(1, ids[rows, pos + 1][:, None])[:, 0] - logits.logsumexp(1)
+        decoder = base.get_decoder()
+        cache = DynamicCache()
+        pre = decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        plen = attention_mask.sum(1)
+        pre_last = pre.last_hidden_state[torch.arange(b, device=plen.device), plen - 1]  # predicts token 0
+        cache.batch_repeat_interleave(kb)
+        ids = option_ids.reshape(b * kb, c)
+        om = option_attention.reshape(b * kb, c)
+        hidden = decoder(
+            input_ids=ids,
+            attention_mask=torch.cat([attention_mask.repeat_interleave(kb, 0), om], 1),
+            position_ids=plen.repeat_interleave(kb)[:, None] + torch.arange(c, device=plen.device),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        # the state predicting option token j: the prefix's last for j = 0, the continuation's j - 1 after
+        states = torch.cat([pre_last.repeat_interleave(kb, 0)[:, None], hidden[:, :-1]], 1)  # [B*Kb, C, H]
+        rows, pos = om.bool().nonzero(as_tuple=True)
+        logits = base.get_output_embeddings()(states[rows, pos]).float()  # [M, V]
+        logp = logits.gather(1, ids[rows, pos][:, None])[:, 0] - logits.logsumexp(1)
         total = logp.new_zeros(b * kb).index_add(0, rows, logp)
-        count = option_tokens.reshape(b * kb, t)[:, 1:].sum(1).clamp_min(1)
+        count = om.sum(1).clamp_min(1)
         return _pad_options((total / count).reshape(b, kb), option_mask)
 
 
@@ -152,39 +175,35 @@ class Student:
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
 
     def _encode_options(self, ex: MCQExample) -> dict[str, list[Any]]:
-        """K sequences prefix + option text (missing options: the prefix alone), and which tokens are the
-        option's; a sequence longer than `max_length` loses the start of its prefix."""
+        """The prefix's token ids and K continuations (missing options: none); each continuation keeps at most
+        `max_length - 1` tokens, and the prefix loses its start so that it and the longest continuation fit
+        `max_length`."""
         tok = self.tokenizer
         prefix, conts = self.template.option_texts(ex, tok)
-        p = tok(prefix)["input_ids"]
-        enc: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "option_tokens": []}
-        for cont in conts + [""] * (self.k - ex.k):
-            c = tok(cont, add_special_tokens=False)["input_ids"] if cont else []
-            c = c[: self.cfg.max_length - 1]
-            ids = (p + c)[-self.cfg.max_length :]
-            enc["input_ids"].append(ids)
-            enc["attention_mask"].append([1] * len(ids))
-            enc["option_tokens"].append([0] * (len(ids) - len(c)) + [1] * len(c))
-        return enc
+        c = [tok(t, add_special_tokens=False)["input_ids"][: self.cfg.max_length - 1] for t in conts]
+        c += [[] for _ in range(self.k - ex.k)]
+        p = tok(prefix)["input_ids"][-(self.cfg.max_length - max(map(len, c))) :]
+        return {"input_ids": p, "attention_mask": [1] * len(p), "option_ids": c}
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of encoded rows (right padding) into tensors; other keys are stacked as they are."""
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "option_tokens") if k in rows[0]]
+        token_keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "option_ids") if k in rows[0]]
         out: dict[str, torch.Tensor] = {}
-        if isinstance(rows[0]["input_ids"][0], list):  # one sequence per option: [B, K, T]
-            # only as many option columns as the batch's longest question has (ARC: K = 5 for a few questions
-            # and 4 for most; the empty fifth pair would cost a quarter of the compute); the student pads back
-            kb = max(int(torch.as_tensor(r["option_mask"]).sum()) for r in rows) if "option_mask" in rows[0] else self.k
-            T = max(len(seq) for r in rows for seq in r["input_ids"][:kb])
-            for key in token_keys:
-                fill = pad_id if key == "input_ids" else 0
-                out[key] = torch.tensor([[seq + [fill] * (T - len(seq)) for seq in r[key][:kb]] for r in rows])
-        else:
-            T = max(len(r["input_ids"]) for r in rows)
-            for key in token_keys:
-                fill = pad_id if key == "input_ids" else 0
-                out[key] = torch.tensor([r[key] + [fill] * (T - len(r[key])) for r in rows])
+        # only as many option columns as the batch's longest question has (ARC: K = 5 for a few questions and 4
+        # for most; the empty fifth option would cost a quarter of the compute); the student pads back
+        kb = max(int(torch.as_tensor(r["option_mask"]).sum()) for r in rows) if "option_mask" in rows[0] else self.k
+        for key in token_keys:
+            fill = pad_id if key in ("input_ids", "option_ids") else 0
+            if isinstance(rows[0][key][0], list):  # one sequence per option: [B, Kb, T]
+                t = max(1, max(len(seq) for r in rows for seq in r[key][:kb]))
+                out[key] = torch.tensor([[seq + [fill] * (t - len(seq)) for seq in r[key][:kb]] for r in rows])
+                if key == "option_ids":
+                    lens = torch.tensor([[len(seq) for seq in r[key][:kb]] for r in rows])
+                    out["option_attention"] = (torch.arange(t) < lens[..., None]).long()
+            else:
+                t = max(len(r[key]) for r in rows)
+                out[key] = torch.tensor([r[key] + [fill] * (t - len(r[key])) for r in rows])
         for key in rows[0]:
             if key not in token_keys:
                 out[key] = torch.stack([torch.as_tensor(r[key]) for r in rows])

@@ -138,11 +138,9 @@ class Rows(Dataset):
                 f"targets {None if targets is None else targets.shape}"
             )
         self.rows = []
-        # longest token sequence of each row (the encoder's longest option pair, or the prompt): for batching
-        self.lengths = [
-            max(len(x) for x in ids) if ids and isinstance(ids[0], list) else len(ids)
-            for ids in (e["input_ids"] for e in encoded)
-        ]
+        # longest token sequence of each row (the encoder's longest option pair, the prompt, or the prefix and its
+        # longest continuation): for batching
+        self.lengths = [_longest(e["input_ids"]) + _longest(e.get("option_ids", [])) for e in encoded]
         for i, enc in enumerate(encoded):
             row = dict(enc)
             row["option_mask"] = torch.from_numpy(mask[i])
@@ -164,6 +162,11 @@ class Rows(Dataset):
         dev with the MiniLM encoder, 2.2x fewer token slots than file order), and the largest batch comes first, so
         running out of memory happens at once, not at the end."""
         return sorted(range(len(self.rows)), key=lambda i: -self.lengths[i])
+
+
+def _longest(ids: list[Any]) -> int:
+    """Length of a token list, or of the longest of a list of them."""
+    return max(map(len, ids), default=0) if ids and isinstance(ids[0], list) else len(ids)
 
 
 def _make_trainer_class() -> type:
