@@ -68,6 +68,9 @@ def test_report_files_and_tables(finished_run: Path) -> None:
     text = (report / "report.md").read_text()
     assert "| fraction | hard labels | logit-KD (teacher) | calibrated logit-KD | Probe-KD |" in text
     assert "Probe-KD against each other signal" in text and "(2) |" in text
+    section = text.split("Probe-KD against each other signal")[1]
+    diffs = [line.split(" | ")[2] for line in section.splitlines() if line.startswith(("| 0.5 ", "| 1 "))]
+    assert len(diffs) == 6 and all(d[0] in "+-" for d in diffs), diffs  # differences carry their sign
     assert (report / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = terminal_table(finished_run)
     assert table.splitlines()[0].split() == ["signal", "f=0.5", "f=1"] and "Probe-KD" in table

@@ -178,8 +178,10 @@ def _flag_early_kept(rows: list[dict[str, Any]], cells: list[dict[str, Any]], tr
             r["verdict"] += f" ({sum(kept)} of {len(kept)} seeds kept an epoch from before the variant acted)"
 
 
-def _pm(mean: float, half: Any) -> str:
-    return f"{mean:.3f}" if half in ("", None) or half != half else f"{mean:.3f} ± {half:.3f}"
+def _pm(mean: float, half: Any, signed: bool = False) -> str:
+    """`mean ± half` (just `mean` without an interval); `signed` writes the sign of a difference, `+0.004`."""
+    m = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+    return m if half in ("", None) or half != half else f"{m} ± {half:.3f}"
 
 
 def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[dict[str, Any], str]]) -> list[str]:
@@ -196,7 +198,7 @@ def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[di
     for r, name in rows:
         boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
         lines.append(
-            f"| {r['fraction']:g} | {label(name)} | {_pm(r['diff'], r['half'])} | {boot} | {r['seeds']} | "
+            f"| {r['fraction']:g} | {label(name)} | {_pm(r['diff'], r['half'], signed=True)} | {boot} | {r['seeds']} | "
             f"{r['verdict']} |"
         )
     return [*lines, ""]
