@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from probekd.config import load_config
+from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import run_experiment
 from probekd.report.report import kept_before_variant, terminal_table, write_report
@@ -71,9 +72,25 @@ def test_report_files_and_tables(finished_run: Path) -> None:
     section = text.split("Probe-KD against each other signal")[1]
     diffs = [line.split(" | ")[2] for line in section.splitlines() if line.startswith(("| 0.5 ", "| 1 "))]
     assert len(diffs) == 6 and all(d[0] in "+-" for d in diffs), diffs  # differences carry their sign
+    chance = np.mean([1 / e.k for e in load_task("arc_easy").splits["test"][:16]])  # a uniform guess per question
+    assert f"Chance on test (a uniform guess among each question's options): {chance:.3f}." in text
+
     assert (report / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = terminal_table(finished_run)
     assert table.splitlines()[0].split() == ["signal", "f=0.5", "f=1"] and "Probe-KD" in table
+
+
+def test_report_chance_level_follows_each_questions_options(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    path = run / "targets" / "answers-test.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["mask"][0, 3:] = False  # the first test question keeps 3 options, the second 2
+    arrays["mask"][1, 2:] = False
+    np.savez(path, **arrays)
+    want = (14 / 4 + 1 / 3 + 1 / 2) / 16
+    assert f"uniform guess among each question's options): {want:.3f}." in write_report(run).read_text()
 
 
 def test_rerun_skips_finished_work_and_refuses_other_configs(

@@ -24,7 +24,7 @@ from probekd.errors import ProbekdError
 from probekd.evaluate import bootstrap_ci, mean_ci
 from probekd.probes.select import chosen_label
 from probekd.report.plots import plot_data_efficiency
-from probekd.teacher.cache import load_cache
+from probekd.teacher.cache import TeacherCache, load_cache
 
 LABELS = {
     "hard": "hard labels",
@@ -204,15 +204,15 @@ def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[di
     return [*lines, ""]
 
 
-def _test_answers(run: Path) -> np.ndarray | None:
-    """Gold test answers, for the paired bootstrap: from RUN/targets/ (present wherever students were trained),
-    else from the teacher cache."""
+def _test_cache(run: Path) -> TeacherCache | None:
+    """The test split's gold answers and option mask (no hidden states), for the paired bootstrap and the chance
+    level: from RUN/targets/ (present wherever students were trained), else from the teacher cache."""
     from probekd.experiment import load_answers
 
     with contextlib.suppress(ProbekdError):
-        return load_answers(run, ("test",))["test"].answers
+        return load_answers(run, ("test",))["test"]
     if (run / "teacher" / "test" / "manifest.json").exists():
-        return load_cache(run / "teacher" / "test", with_hidden=False).answers
+        return load_cache(run / "teacher" / "test", with_hidden=False)
     return None
 
 
@@ -225,7 +225,9 @@ def write_report(run: Path) -> Path:
     probes_path = run / "probes" / "summary.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
     summary = summarize(cells)
-    answers = _test_answers(run)
+    test = _test_cache(run)
+    answers = test.answers if test is not None else None
+    chance = float((1 / test.mask.sum(1)).mean()) if test is not None and len(test.mask) else None
     fractions = sorted({c["fraction"] for c in cells})
     signals = sorted({c["variant"] for c in cells}, key=_order)
     comparisons = [
@@ -268,6 +270,8 @@ def write_report(run: Path) -> Path:
             "Probe accuracy on train is out-of-fold. ![probe accuracy by layer](layers.png)",
             "",
         ]
+    if chance is not None:
+        lines += [f"Chance on test (a uniform guess among each question's options): {chance:.3f}.", ""]
     lines += [
         "## Student test accuracy (mean ± 95% t-interval over seeds)",
         "",
@@ -331,6 +335,8 @@ def write_report(run: Path) -> Path:
                 "teacher's own answer, test": probes["teacher_accuracy"]["test"],
                 f"probe ({chosen_label(probes)}, all labels), test": probes["probe_accuracy"]["test"],
             }
+        if chance is not None:
+            refs["chance, test"] = chance
         title = f"{cfg.get('name', run.name)}: students by signal"
         plot_data_efficiency(tmp / "data_efficiency.png", curves, references=refs, title=title)
         if (run / "probes" / "layers.png").exists():
