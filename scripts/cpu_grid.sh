@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The MiniLM full grids of docs/RESULTS.md, resumable across sessions: the targets stage (teacher, both cores),
 # then the students in two lanes of one core each. Finished cells (students/<cell>/metrics.json) are committed, so a
-# fresh clone resumes where the last session stopped (the teacher caches are not committed: a fresh clone that
-# lacks targets/ for a cell reruns the targets stage, which re-extracts).
+# fresh clone resumes where the last session stopped (the teacher caches are not committed: the targets stage, which
+# re-extracts, runs only when targets/answers-test.npz is missing or TARGETS=1). The report is written even when a
+# lane fails; the script's exit status then says so.
 #   scripts/cpu_grid.sh arc_challenge        # or arc_easy; TARGETS=1 reruns the targets stage first
 set -euo pipefail
 task=${1:?usage: scripts/cpu_grid.sh arc_challenge|arc_easy}
@@ -22,5 +23,8 @@ a=$!
 OMP_NUM_THREADS=1 $bin/probekd run "$cfg" --out "$out" --stage students \
   --set "grid.signals=[teacher_calibrated, probe]" > "$out/lane-b.log" 2>&1 &
 b=$!
-wait $a $b
+rc=0
+wait $a || rc=1  # `wait a b` would return b's status only
+wait $b || rc=1
 $bin/probekd report "$out"
+exit $rc
