@@ -251,3 +251,26 @@ def test_shipped_configs_are_valid() -> None:
     assert quick.probe.feature == "auto" and quick.grid.signals[-1] == "probe" and quick.extract.formulation == "option"
     demo = load_config(root / "src" / "probekd" / "configs" / "demo.yaml")
     assert demo.probe.feature == "last"  # the demo pins the setting its recorded numbers were made with
+
+
+def test_split_invocations_record_the_union_and_refuse_another_mode(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """Two processes over parts of one grid (as scripts/cpu_grid.sh runs them) leave a config.yaml that describes
+    the whole directory; a grid mode or teacher temperature other than the recorded one is refused, and so is a
+    finished student of another mode found in the folder."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    part = tiny_config(tiny_llama_dir, tiny_bert_dir, signals=["probe"], fractions=[1.0], seeds=[1])
+    run_experiment(load_config(None, base=part), copy, stage="students")  # every cell is there: nothing trains
+    grid = yaml.safe_load((copy / "config.yaml").read_text())["grid"]
+    assert sorted(grid["signals"]) == ["hard", "probe", "teacher", "teacher_calibrated"]
+    assert grid["fractions"] == [0.5, 1.0] and grid["seeds"] == [0, 1]
+    for field, value in (("mode", "semi"), ("teacher_temperature", 2.0)):
+        other = tiny_config(tiny_llama_dir, tiny_bert_dir, **{field: value})
+        with pytest.raises(ProbekdError, match=rf"differs in: grid\.{field}"):
+            run_experiment(load_config(None, base=other), copy, stage="students")
+    metrics = copy / "students" / "hard-f0.5-s0" / "metrics.json"
+    metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"mode": "semi"}))
+    with pytest.raises(ProbekdError, match=r"hard-f0\.5-s0/metrics\.json is a semi student, this grid is supervised"):
+        run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)), copy, stage="students")

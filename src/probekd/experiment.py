@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 # Sections whose change makes a run directory's artifacts stale (the grid may grow: new cells are added).
 _FIXED_SECTIONS = ("task", "teacher", "limit", "extract", "probe", "student", "train")
+_FIXED_GRID = ("mode", "teacher_temperature")  # grid fields that change what a cell of a given name holds
 
 
 def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weighting: str = "none") -> str:
@@ -50,16 +51,24 @@ def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weight
 
 
 def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
-    """Refuse a run directory made from another configuration (naming the fields), then record this one."""
+    """Refuse a run directory made from another configuration (naming the fields), then record this one.
+
+    The grid's axes may grow between invocations (one process per signal, a fraction added later): the recorded
+    RUN/config.yaml keeps the union of every invocation's fractions, seeds, signals, losses and weightings, so it
+    describes the whole directory. `grid.mode` and `grid.teacher_temperature` change what a cell of a given name
+    holds, so they must match like the fixed sections."""
     path = run / "config.yaml"
+    recorded = cfg
     if path.exists() and not overwrite:
         import yaml
 
         old = yaml.safe_load(path.read_text()) or {}
         # fields added to the schema since (with their defaults) are no difference; if the old config no longer
         # validates, it is compared as written (a field that no longer exists shows as a difference)
+        old_cfg = None
         with contextlib.suppress(ValidationError):
-            old = RunConfig.model_validate(old).model_dump(mode="json")
+            old_cfg = RunConfig.model_validate(old)
+            old = old_cfg.model_dump(mode="json")
         new = cfg.model_dump(mode="json")
         diff = []
         for section in _FIXED_SECTIONS:
@@ -68,15 +77,34 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
                 diff += [f"{section}.{k}" for k in differing_fields(a, b)]
             elif a != b:
                 diff.append(section)
+        old_grid = old.get("grid") if isinstance(old.get("grid"), dict) else {}
+        diff += [f"grid.{k}" for k in _FIXED_GRID if k in old_grid and old_grid[k] != new["grid"][k]]
         if diff:
             raise ProbekdError(
                 f"{run} was made with another configuration (differs in: {', '.join(diff)}); "
                 "use another output folder, or --overwrite to redo the stages that depend on them"
             )
+        if old_cfg is not None:
+            recorded = _with_grid_union(cfg, old_cfg)
     if overwrite:  # everything downstream of the configuration is redone
         for stale in ("targets", "students", "report"):
             shutil.rmtree(run / stale, ignore_errors=True)
-    write_text(path, dump_config(cfg))
+    write_text(path, dump_config(recorded))
+
+
+def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
+    """`cfg` with each grid axis extended by the values `old` had and `cfg` lacks (old ones first)."""
+    defaults = {"losses": [cfg.train.loss], "weightings": [cfg.train.weighting.scheme]}
+    merged: dict[str, Any] = {}
+    for axis in ("fractions", "seeds", "signals", "losses", "weightings"):
+        a, b = getattr(old.grid, axis), getattr(cfg.grid, axis)
+        if a is None and b is None:
+            continue
+        a, b = a or defaults[axis], b or defaults[axis]
+        merged[axis] = list(dict.fromkeys([*a, *b]))
+    # through validation again, so that the fractions come out sorted as always
+    grid = type(cfg.grid).model_validate(cfg.grid.model_dump() | merged)
+    return cfg.model_copy(update={"grid": grid})
 
 
 def _examples_by_id(cfg: RunConfig) -> dict[str, dict[str, MCQExample]]:
@@ -209,7 +237,13 @@ def run_cell(
     name = cell_name(signal, fraction, seed, loss, weighting)
     out = run / "students" / name
     if (out / "metrics.json").exists():
-        return json.loads((out / "metrics.json").read_text())
+        done = json.loads((out / "metrics.json").read_text())
+        if done.get("mode", cfg.grid.mode) != cfg.grid.mode:  # e.g. a student copied in from another run
+            raise ProbekdError(
+                f"{out / 'metrics.json'} is a {done['mode']} student, this grid is {cfg.grid.mode} "
+                "(grid.mode); remove that folder or use another output folder"
+            )
+        return done
     t0 = time.perf_counter()
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
