@@ -138,6 +138,25 @@ def test_student_stage_needs_no_teacher_caches(
         run_experiment(cfg, copy, stage="students")
 
 
+def test_targets_stage_needs_the_teacher_only_for_missing_targets(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A committed run (no teacher caches) with every targets file skips the targets stage; one targets file
+    missing (an interrupted targets stage) re-extracts and writes that file again, equal to the first."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("teacher"))
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+    run_experiment(cfg, copy, stage="targets")
+    assert not (copy / "teacher").exists()
+    (copy / "targets" / "probe-f0.5-s1.npz").unlink()
+    run_experiment(cfg, copy, stage="targets")
+    assert list((copy / "teacher").glob("*/shard-*"))  # this time the teacher ran
+    redone = SoftTargets.load(copy / "targets" / "probe-f0.5-s1.npz")
+    first = SoftTargets.load(finished_run / "targets" / "probe-f0.5-s1.npz")
+    np.testing.assert_allclose(redone.probs, first.probs, atol=1e-5)
+    assert redone.meta["layer"] == first.meta["layer"]
+
+
 def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(
         None,

@@ -181,19 +181,30 @@ def _cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
     ]
 
 
+def _targets_complete(run: Path, names: list[str]) -> bool:
+    """Whether everything the student stage reads is there: the probes' test predictions, the teacher's answers
+    and the targets file of each of `names`."""
+    needed = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
+    return all(p.exists() for p in needed + [_targets_path(run, n) for n in names])
+
+
 def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> None:
     """The stages that need the teacher: extraction, probes, and every grid cell's soft targets (each written to
     RUN/targets/<cell>.npz, skipped when there), plus the teacher's answers the student stage reads."""
     from probekd.teacher.pipeline import extract_task
 
     check_run_dir(run, cfg, overwrite)
+    cells = list(dict.fromkeys(c[:3] for c in _cells(cfg)))  # targets depend on (signal, fraction, seed) only
+    if not overwrite and _targets_complete(run, [cell_name(*c) for c in cells]):
+        # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
+        log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
+        return
     extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
     run_probes(run, cfg.probe, overwrite=overwrite)
     caches, _, layer_idx = load_inputs(run, cfg.probe)
     if "test" not in caches:
         raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
     save_answers(run, caches)
-    cells = list(dict.fromkeys(c[:3] for c in _cells(cfg)))  # targets depend on (signal, fraction, seed) only
     done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
     for n, (signal, fraction, seed) in enumerate(cells, 1):
         name = cell_name(signal, fraction, seed)
