@@ -15,7 +15,7 @@ import yaml
 from probekd.config import load_config
 from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
-from probekd.experiment import run_experiment
+from probekd.experiment import _test_part_done, run_experiment
 from probekd.report.report import kept_before_variant, terminal_table, write_report
 from probekd.targets import SoftTargets
 
@@ -142,19 +142,39 @@ def test_targets_stage_needs_the_teacher_only_for_missing_targets(
     finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     """A committed run (no teacher caches) with every targets file skips the targets stage; one targets file
-    missing (an interrupted targets stage) re-extracts and writes that file again, equal to the first."""
+    missing (an interrupted targets stage) re-extracts train and dev (not test, whose part is done), checks that
+    the teacher gives the saved answers, and writes that file again, equal to the first."""
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy, ignore=shutil.ignore_patterns("teacher"))
     cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
     run_experiment(cfg, copy, stage="targets")
     assert not (copy / "teacher").exists()
     (copy / "targets" / "probe-f0.5-s1.npz").unlink()
+    answers = copy / "targets" / "answers-dev.npz"
+    saved = answers.read_bytes()
+    with np.load(answers) as z:
+        other = {k: z[k] for k in z.files}
+    other["scores"] = other["scores"] + 0.5  # as if another teacher had made them
+    np.savez(answers, **other)
+    with pytest.raises(ProbekdError, match=r"split 'dev' .* does not give the answers in .*answers-dev\.npz"):
+        run_experiment(cfg, copy, stage="targets")
+    answers.write_bytes(saved)
     run_experiment(cfg, copy, stage="targets")
-    assert list((copy / "teacher").glob("*/shard-*"))  # this time the teacher ran
+    assert sorted(p.parent.name for p in (copy / "teacher").glob("*/manifest.json")) == ["dev", "train"]
     redone = SoftTargets.load(copy / "targets" / "probe-f0.5-s1.npz")
     first = SoftTargets.load(finished_run / "targets" / "probe-f0.5-s1.npz")
     np.testing.assert_allclose(redone.probs, first.probs, atol=1e-5)
     assert redone.meta["layer"] == first.meta["layer"]
+    # the test split is extracted again when its part is not done: no probe predictions on it, or more options
+    # on it than on train and dev (the targets would be too narrow)
+    assert _test_part_done(copy)
+    with np.load(copy / "targets" / "answers-test.npz") as z:
+        wider = {k: z[k] for k in z.files}
+    wider["mask"] = np.pad(wider["mask"], ((0, 0), (0, 1)))
+    np.savez(copy / "targets" / "answers-test.npz", **wider)
+    assert not _test_part_done(copy)
+    (copy / "targets" / "answers-test.npz").unlink()
+    assert not _test_part_done(copy)
 
 
 def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:

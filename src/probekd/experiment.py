@@ -188,6 +188,30 @@ def _targets_complete(run: Path, names: list[str]) -> bool:
     return all(p.exists() for p in needed + [_targets_path(run, n) for n in names])
 
 
+def _test_part_done(run: Path) -> bool:
+    """Whether what the test split's teacher cache is for is done: the probes (their test predictions) and the
+    teacher's answers on every split, with no more options on test than on train and dev (the targets' width is
+    the widest split's)."""
+    paths = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
+    if not all(p.exists() for p in paths):
+        return False
+    k = {s: c.mask.shape[1] for s, c in load_answers(run).items()}
+    return k["test"] <= max(k["train"], k["dev"])
+
+
+def _check_same_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
+    """Refuse teacher caches made again that disagree with the answers the probes and students were made from."""
+    saved = load_answers(run, tuple(caches))
+    for split, c in caches.items():
+        old = saved[split]
+        if c.ids != old.ids or c.scores.shape != old.scores.shape or not np.allclose(c.scores, old.scores, atol=1e-2):
+            raise ProbekdError(
+                f"the teacher cache of split {split!r} made again under {run / 'teacher'} does not give the answers "
+                f"in {_answers_path(run, split)} (other ids or scores): the teacher or the data changed; redo the "
+                "targets stage with --overwrite"
+            )
+
+
 def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> None:
     """The stages that need the teacher: extraction, probes, and every grid cell's soft targets (each written to
     RUN/targets/<cell>.npz, skipped when there), plus the teacher's answers the student stage reads."""
@@ -199,12 +223,18 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
         log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
         return
-    extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
-    run_probes(run, cfg.probe, overwrite=overwrite)
-    caches, _, layer_idx = load_inputs(run, cfg.probe)
-    if "test" not in caches:
-        raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
-    save_answers(run, caches)
+    if overwrite or not _test_part_done(run):
+        extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
+        run_probes(run, cfg.probe, overwrite=overwrite)
+        caches, _, layer_idx = load_inputs(run, cfg.probe)
+        if "test" not in caches:
+            raise ProbekdError(f"no teacher cache for the test split under {run / 'teacher'}")
+        save_answers(run, caches)
+    else:  # only targets are missing: they need the train and dev caches, not the test one (a third of the work)
+        log.info("targets stage: the probes and the teacher's test answers are there; extracting train and dev only")
+        extract_task(cfg.task, cfg.teacher, run, ["train", "dev"], cfg.extract, cfg.limit, overwrite)
+        caches, _, layer_idx = load_inputs(run, cfg.probe, ("train", "dev"))
+        _check_same_answers(run, caches)
     done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
     for n, (signal, fraction, seed) in enumerate(cells, 1):
         name = cell_name(signal, fraction, seed)

@@ -125,10 +125,12 @@ def _table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def load_inputs(run: Path, cfg: ProbeConfig) -> tuple[dict[str, TeacherCache], list[int], list[int]]:
-    """The teacher caches of run directory `run` (split -> cache, only the feature `cfg` uses), the layers to
-    probe, and their indices in the cache."""
-    split_dirs = _splits(run)
+def load_inputs(
+    run: Path, cfg: ProbeConfig, splits: tuple[str, ...] | None = None
+) -> tuple[dict[str, TeacherCache], list[int], list[int]]:
+    """The teacher caches of run directory `run` (split -> cache, only the feature `cfg` uses; all the splits
+    there, or only `splits`), the layers to probe, and their indices in the cache."""
+    split_dirs = {s: d for s, d in _splits(run).items() if splits is None or s in splits}
     skip: tuple[str, ...] = ()
     if json.loads((split_dirs["train"] / "manifest.json").read_text()).get("formulation") == "option":
         skip = {"mean": ("hidden",), "last": ("hidden_mean",), "auto": ()}[cfg.feature]  # read only what is used
