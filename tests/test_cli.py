@@ -155,6 +155,15 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
     path.write_text(yaml.safe_dump(cfg))
     out = run("run", str(path), "--out", str(tmp_path / "mine")).stdout
     assert out.strip().splitlines()[-1] == str(tmp_path / "mine" / "report" / "report.md")
+    # another run that makes the same cells (switch_at is read only by two-stage losses) takes them all over
+    same = tmp_path / "same"
+    reused = run(
+        "run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--set", "train.switch_at=0.3"
+    )
+    assert "reused from " + str(tmp_path / "mine") + ": 5 targets files, 2 finished students" in reused.stdout
+    assert not (same / "teacher").exists() and reused.stdout.strip().endswith(str(same / "report" / "report.md"))
+    both = run("run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--overwrite", check=False)
+    assert both.returncode == 2 and "--reuse with --overwrite" in both.stderr
     bad = run("run", str(path), "--set", "grid.mode=sideways", check=False)
     assert bad.returncode == 2 and "grid.mode" in bad.stderr and "Traceback" not in bad.stderr
     missing = run("report", str(tmp_path / "nothing"), check=False)

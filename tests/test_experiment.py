@@ -17,6 +17,7 @@ from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import _test_part_done, run_experiment
 from probekd.report.report import kept_before_variant, terminal_table, write_report
+from probekd.reuse import reuse_run
 from probekd.targets import SoftTargets
 
 
@@ -175,6 +176,46 @@ def test_targets_stage_needs_the_teacher_only_for_missing_targets(
     assert not _test_part_done(copy)
     (copy / "targets" / "answers-test.npz").unlink()
     assert not _test_part_done(copy)
+
+
+def test_reuse_copies_what_the_new_grid_would_make_the_same(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A PACED-style grid from the finished plain grid: the targets and the forward-KL unweighted students it shares
+    are copied (no checkpoints), its other cells are not there; another training setting keeps the targets but not
+    the students; other probe settings are refused, naming the field."""
+    paced = tiny_config(tiny_llama_dir, tiny_bert_dir, signals=["teacher", "probe"], fractions=[1.0], seeds=[0])
+    paced["grid"].update(losses=["fkl", "fkl>rkl"], weightings=["none", "paced"])
+    paced["train"].update(switch_at=0.3, weighting={"pass_rate": "sampled", "warmup_epochs": 1.0})
+    cfg = load_config(None, base=paced)
+    run = tmp_path / "paced"
+    copied = reuse_run(finished_run, run, cfg)
+    assert copied == {
+        "targets": ["answers-train", "answers-dev", "answers-test", "teacher-f1-s0", "probe-f1-s0"],
+        "students": ["teacher-f1-s0", "probe-f1-s0"],
+    }
+    for name in copied["students"]:
+        assert (run / "students" / name / "metrics.json").read_bytes() == (
+            finished_run / "students" / name / "metrics.json"
+        ).read_bytes()
+    assert sorted(p.name for p in (run / "students").iterdir()) == ["probe-f1-s0", "teacher-f1-s0"]
+    assert (run / "probes" / "test.npz").exists() and (run / "config.yaml").exists()
+    run_experiment(cfg, run, stage="targets")  # every targets file is there: the teacher is not needed
+    assert not (run / "teacher").exists()
+    assert reuse_run(finished_run, run, cfg) == {"targets": [], "students": []}  # nothing twice
+
+    other_lr = tiny_config(tiny_llama_dir, tiny_bert_dir, signals=["probe"], fractions=[0.5], seeds=[1])
+    other_lr["train"]["learning_rate"] = 5e-4
+    copied = reuse_run(finished_run, tmp_path / "lr", load_config(None, base=other_lr))
+    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test", "probe-f0.5-s1"], "students": []}
+
+    other_probe = tiny_config(tiny_llama_dir, tiny_bert_dir)
+    other_probe["probe"]["l2_grid"] = [0.5]
+    with pytest.raises(ProbekdError, match=r"differs in: probe\.l2_grid\); nothing of it can be reused"):
+        reuse_run(finished_run, tmp_path / "probe", load_config(None, base=other_probe))
+    assert not (tmp_path / "probe").exists()
+    with pytest.raises(ProbekdError, match="is not a probekd run directory"):
+        reuse_run(tmp_path / "nothing", tmp_path / "x", cfg)
 
 
 def test_semi_supervised_mode_uses_the_pool(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:

@@ -272,12 +272,29 @@ def run(
             "and report from those targets (needs neither the teacher nor its caches); `all`: both."
         ),
     ] = Stage.all,
+    reuse: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Another run directory whose probes, targets files and finished students this run would make the "
+            "same: copied first, not made again (e.g. a PACED grid from the plain grid of the same teacher and "
+            "student). Repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped."""
     from probekd.config import load_config
+    from probekd.reuse import reuse_run
 
     cfg = load_config(config, set_)
-    _run_and_report(cfg, out or Path("runs") / config.stem, overwrite, stage.value)
+    run_dir = out or Path("runs") / config.stem
+    if reuse and overwrite:
+        raise ProbekdError("--reuse with --overwrite would delete what it copies; use one or the other")
+    for source in reuse or []:
+        copied = reuse_run(source, run_dir, cfg)
+        typer.echo(
+            f"reused from {source}: {len(copied['targets'])} targets files, {len(copied['students'])} finished students"
+        )
+    _run_and_report(cfg, run_dir, overwrite, stage.value)
 
 
 @app.command("report")

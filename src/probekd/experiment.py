@@ -50,6 +50,22 @@ def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weight
     return name
 
 
+def config_differences(
+    old: dict[str, Any], new: dict[str, Any], sections: tuple[str, ...] = _FIXED_SECTIONS
+) -> list[str]:
+    """The dotted names of the fields of `sections` and of the fixed grid fields (`_FIXED_GRID`) in which two
+    configurations (as dumped to JSON) differ; a grid field `old` lacks is no difference."""
+    diff = []
+    for section in sections:
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"{section}.{k}" for k in differing_fields(a, b)]
+        elif a != b:
+            diff.append(section)
+    old_grid = old.get("grid") if isinstance(old.get("grid"), dict) else {}
+    return diff + [f"grid.{k}" for k in _FIXED_GRID if k in old_grid and old_grid[k] != new["grid"][k]]
+
+
 def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
     """Refuse a run directory made from another configuration (naming the fields), then record this one.
 
@@ -69,16 +85,7 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
         with contextlib.suppress(ValidationError):
             old_cfg = RunConfig.model_validate(old)
             old = old_cfg.model_dump(mode="json")
-        new = cfg.model_dump(mode="json")
-        diff = []
-        for section in _FIXED_SECTIONS:
-            a, b = old.get(section), new.get(section)
-            if isinstance(a, dict) and isinstance(b, dict):
-                diff += [f"{section}.{k}" for k in differing_fields(a, b)]
-            elif a != b:
-                diff.append(section)
-        old_grid = old.get("grid") if isinstance(old.get("grid"), dict) else {}
-        diff += [f"grid.{k}" for k in _FIXED_GRID if k in old_grid and old_grid[k] != new["grid"][k]]
+        diff = config_differences(old, cfg.model_dump(mode="json"))
         if diff:
             raise ProbekdError(
                 f"{run} was made with another configuration (differs in: {', '.join(diff)}); "
@@ -168,7 +175,7 @@ def load_answers(run: Path, splits: tuple[str, ...] = ("train", "dev", "test")) 
     return caches
 
 
-def _cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
+def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
     """(signal, fraction, seed, loss, weighting) of every grid cell."""
     g = cfg.grid
     return [
@@ -218,7 +225,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     from probekd.teacher.pipeline import extract_task
 
     check_run_dir(run, cfg, overwrite)
-    cells = list(dict.fromkeys(c[:3] for c in _cells(cfg)))  # targets depend on (signal, fraction, seed) only
+    cells = list(dict.fromkeys(c[:3] for c in grid_cells(cfg)))  # targets depend on (signal, fraction, seed) only
     if not overwrite and _targets_complete(run, [cell_name(*c) for c in cells]):
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
         log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
@@ -371,7 +378,7 @@ def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage:
     examples = _examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
-    cells = _cells(cfg)
+    cells = grid_cells(cfg)
     results = []
     for n, (signal, fraction, seed, loss, weighting) in enumerate(cells, 1):
         log.info("grid cell %d/%d: %s", n, len(cells), cell_name(signal, fraction, seed, loss, weighting))

@@ -1,0 +1,90 @@
+"""Starting a run from another run's work: its probes, the targets files and the finished students that are the
+same under both configurations, copied so that they are not made again. A PACED grid shares its targets and its
+forward-KL unweighted students with the plain grid of the same teacher and student; a grid with a new axis shares
+every cell the old one finished.
+
+A targets file depends on the task, teacher, limits, extraction, probe settings, `grid.mode` and
+`grid.teacher_temperature`; a student on those plus the student and the training settings as that cell uses them
+(its loss and weighting scheme; `switch_at` only under a two-stage loss, the weighting's other fields only when it
+is weighted)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from probekd.config import RunConfig
+from probekd.errors import ProbekdError
+from probekd.experiment import cell_name, check_run_dir, config_differences, grid_cells
+
+log = logging.getLogger(__name__)
+
+_TARGET_SECTIONS = ("task", "teacher", "limit", "extract", "probe")
+
+
+def cell_training(cfg: RunConfig, loss: str, weighting: str) -> dict[str, Any]:
+    """The student and training settings one grid cell's student is made with (those it does not read left out)."""
+    train = cfg.train.model_dump(mode="json")
+    train["loss"] = loss
+    if ">" not in loss:
+        del train["switch_at"]
+    if weighting == "none":
+        del train["weighting"]
+    else:
+        train["weighting"]["scheme"] = weighting
+    return {"student": cfg.student.model_dump(mode="json"), "train": train}
+
+
+def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
+    """Copy into `run` (configured by `cfg`) what `source` holds that `run` would make the same and lacks: the
+    probes, the teacher's answers, the targets files and the finished students of `cfg`'s grid cells. Returns the
+    names copied (`targets`, `students`); refuses a source whose targets would differ, naming the fields."""
+    path = source / "config.yaml"
+    if not path.exists():
+        raise ProbekdError(f"{path} is missing: {source} is not a probekd run directory")
+    try:
+        src_cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as e:
+        raise ProbekdError(f"{path} is not a valid run configuration: {e}") from None
+    diff = config_differences(src_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), _TARGET_SECTIONS)
+    if diff:
+        raise ProbekdError(
+            f"{source} was made with other teacher, data or probe settings (differs in: "
+            f"{', '.join(diff)}); nothing of it can be reused"
+        )
+    check_run_dir(run, cfg)  # refuses a `run` made with another configuration, before anything is copied
+    copied: dict[str, list[str]] = {"targets": [], "students": []}
+    if (source / "probes" / "summary.json").exists() and not (run / "probes" / "summary.json").exists():
+        shutil.copytree(source / "probes", run / "probes", dirs_exist_ok=True)
+    cells = grid_cells(cfg)
+    names = [f"answers-{s}" for s in ("train", "dev", "test")]
+    names += list(dict.fromkeys(cell_name(*c[:3]) for c in cells))
+    for name in names:
+        src, dst = source / "targets" / f"{name}.npz", run / "targets" / f"{name}.npz"
+        if src.exists() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+            copied["targets"].append(name)
+    src_cells = {cell_name(*c): c for c in grid_cells(src_cfg)}
+    for signal, fraction, seed, loss, weighting in cells:
+        name = cell_name(signal, fraction, seed, loss, weighting)
+        src, dst = source / "students" / name, run / "students" / name
+        if name not in src_cells or not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
+            continue
+        if cell_training(src_cfg, loss, weighting) != cell_training(cfg, loss, weighting):
+            continue
+        shutil.rmtree(dst, ignore_errors=True)  # an unfinished student of this run, redone from scratch anyway
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+        copied["students"].append(name)
+    log.info(
+        "reused from %s: %d targets files, %d finished students",
+        source,
+        len(copied["targets"]),
+        len(copied["students"]),
+    )
+    return copied
