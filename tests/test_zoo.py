@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from probekd.atomic import atomic_path, remove_stale_partials, write_json
+from probekd.atomic import atomic_path, copy_atomic, remove_stale_partials, write_json
 from probekd.errors import ModelError
 from probekd.models import zoo
 
@@ -100,6 +100,23 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
         (tmp / "done").write_text("1")
     assert (target / "done").read_text() == "1"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_copy_atomic_replaces_a_half_copy_and_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    src = tmp_path / "cell"
+    (src / "checkpoints").mkdir(parents=True)
+    (src / "metrics.json").write_text("{}")
+    (src / "checkpoints" / "big.bin").write_bytes(b"x")
+    dst = tmp_path / "run" / "cell"
+    dst.mkdir(parents=True)
+    (dst / "stale.npy").write_bytes(b"half")  # an unfinished cell
+    copy_atomic(src, dst, ignore=("checkpoints",))
+    assert sorted(p.name for p in dst.iterdir()) == ["metrics.json"]
+    copy_atomic(src / "metrics.json", tmp_path / "run" / "m.json")
+    assert (tmp_path / "run" / "m.json").read_text() == "{}"
+    with pytest.raises(FileNotFoundError):
+        copy_atomic(tmp_path / "missing", tmp_path / "run" / "other")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cell", "m.json"]
 
 
 def test_stale_partials_are_removed(tmp_path: Path) -> None:

@@ -49,6 +49,15 @@ def write_json(target: Path, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def copy_atomic(src: Path, target: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Copy the file or folder `src` to `target` atomically (a folder without the names matching `ignore`)."""
+    with atomic_path(Path(target)) as tmp:
+        if Path(src).is_dir():
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*ignore))
+        else:
+            shutil.copy2(src, tmp)
+
+
 def remove_stale_partials(folder: Path, name: str) -> None:
     """Remove the leftovers of an interrupted `atomic_path(folder / name)` (they are never complete)."""
     if folder.is_dir():

@@ -11,13 +11,13 @@ is weighted)."""
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from probekd.atomic import copy_atomic
 from probekd.config import RunConfig
 from probekd.errors import ProbekdError
 from probekd.experiment import cell_name, check_run_dir, config_differences, grid_cells
@@ -59,16 +59,15 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
         )
     check_run_dir(run, cfg)  # refuses a `run` made with another configuration, before anything is copied
     copied: dict[str, list[str]] = {"targets": [], "students": []}
-    if (source / "probes" / "summary.json").exists() and not (run / "probes" / "summary.json").exists():
-        shutil.copytree(source / "probes", run / "probes", dirs_exist_ok=True)
+    if (source / "probes" / "summary.json").exists() and not (run / "probes").exists():
+        copy_atomic(source / "probes", run / "probes")
     cells = grid_cells(cfg)
     names = [f"answers-{s}" for s in ("train", "dev", "test")]
     names += list(dict.fromkeys(cell_name(*c[:3]) for c in cells))
     for name in names:
         src, dst = source / "targets" / f"{name}.npz", run / "targets" / f"{name}.npz"
         if src.exists() and not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            copy_atomic(src, dst)
             copied["targets"].append(name)
     src_cells = {cell_name(*c): c for c in grid_cells(src_cfg)}
     for signal, fraction, seed, loss, weighting in cells:
@@ -78,8 +77,7 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
             continue
         if cell_training(src_cfg, loss, weighting) != cell_training(cfg, loss, weighting):
             continue
-        shutil.rmtree(dst, ignore_errors=True)  # an unfinished student of this run, redone from scratch anyway
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+        copy_atomic(src, dst, ignore=("checkpoints",))  # replaces an unfinished student of this run
         copied["students"].append(name)
     log.info(
         "reused from %s: %d targets files, %d finished students",
