@@ -188,19 +188,17 @@ def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
     ]
 
 
-def _targets_complete(run: Path, names: list[str]) -> bool:
-    """Whether everything the student stage reads is there: the probes' test predictions, the teacher's answers
-    and the targets file of each of `names`."""
-    needed = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
-    return all(p.exists() for p in needed + [_targets_path(run, n) for n in names])
+def _student_inputs_there(run: Path) -> bool:
+    """Whether the probes' test predictions and the teacher's answers on every split are there: with the targets
+    files, all the student stage reads."""
+    paths = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
+    return all(p.exists() for p in paths)
 
 
 def _test_part_done(run: Path) -> bool:
-    """Whether what the test split's teacher cache is for is done: the probes (their test predictions) and the
-    teacher's answers on every split, with no more options on test than on train and dev (the targets' width is
-    the widest split's)."""
-    paths = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
-    if not all(p.exists() for p in paths):
+    """Whether what the test split's teacher cache is for is done (`_student_inputs_there`), with no more options on
+    test than on train and dev (targets made without the test cache are as wide as the wider of those two)."""
+    if not _student_inputs_there(run):
         return False
     k = {s: c.mask.shape[1] for s, c in load_answers(run).items()}
     return k["test"] <= max(k["train"], k["dev"])
@@ -226,7 +224,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
 
     check_run_dir(run, cfg, overwrite)
     cells = list(dict.fromkeys(c[:3] for c in grid_cells(cfg)))  # targets depend on (signal, fraction, seed) only
-    if not overwrite and _targets_complete(run, [cell_name(*c) for c in cells]):
+    names = [cell_name(*c) for c in cells]
+    if not overwrite and _student_inputs_there(run) and all(_targets_path(run, n).exists() for n in names):
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
         log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
         return
