@@ -16,7 +16,7 @@ from probekd.config import load_config
 from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import _test_part_done, run_experiment
-from probekd.report.report import kept_before_variant, terminal_table, write_report
+from probekd.report.report import kept_before_variant, plot_interval, terminal_table, write_report
 from probekd.reuse import reuse_run
 from probekd.targets import SoftTargets
 
@@ -79,6 +79,20 @@ def test_report_files_and_tables(finished_run: Path) -> None:
     assert (report / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = terminal_table(finished_run)
     assert table.splitlines()[0].split() == ["signal", "f=0.5", "f=1"] and "Probe-KD" in table
+
+
+def test_plotted_band_is_an_accuracy_interval() -> None:
+    """Two seeds' t-interval (t = 12.7) can pass 0 and 1: the band drawn is cut to [0, 1]; one seed shows its
+    bootstrap interval; a row with neither draws nothing."""
+    wide = plot_interval({"accuracy_mean": 0.356, "accuracy_ci_half": 0.623, "accuracy_ci_bootstrap": ""})
+    assert wide == (0.0, pytest.approx(0.979))
+    narrow = plot_interval({"accuracy_mean": 0.4, "accuracy_ci_half": 0.05, "accuracy_ci_bootstrap": ""})
+    assert narrow == (pytest.approx(0.35), pytest.approx(0.45))
+    assert plot_interval({"accuracy_mean": 0.4, "accuracy_ci_half": "", "accuracy_ci_bootstrap": [0.3, 0.5]}) == (
+        0.3,
+        0.5,
+    )
+    assert all(np.isnan(plot_interval({"accuracy_mean": 0.4, "accuracy_ci_half": "", "accuracy_ci_bootstrap": ""})))
 
 
 def test_report_chance_level_follows_each_questions_options(finished_run: Path, tmp_path: Path) -> None:

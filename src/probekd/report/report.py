@@ -216,6 +216,19 @@ def _test_cache(run: Path) -> TeacherCache | None:
     return None
 
 
+def plot_interval(row: dict[str, Any]) -> tuple[float, float]:
+    """The band plotted for one summary row: the bootstrap interval of a single seed, else the t-interval over
+    seeds cut to [0, 1] (an accuracy; two seeds' t-interval is often wider than that); NaN when there is neither."""
+    if row["accuracy_ci_bootstrap"]:
+        lo, hi = row["accuracy_ci_bootstrap"]
+        return lo, hi
+    if row["accuracy_ci_half"] == "":
+        return float("nan"), float("nan")
+    return max(0.0, row["accuracy_mean"] - row["accuracy_ci_half"]), min(
+        1.0, row["accuracy_mean"] + row["accuracy_ci_half"]
+    )
+
+
 def write_report(run: Path) -> Path:
     """Write RUN/report/ from the finished cells; returns the path of report.md."""
     cells = load_cells(run)
@@ -318,17 +331,13 @@ def write_report(run: Path) -> Path:
         curves = {}
         for s in signals:
             rs = [by[(s, f)] for f in fractions if (s, f) in by]
-            lows, highs = [], []
-            for r in rs:
-                if r["accuracy_ci_bootstrap"]:
-                    lo, hi = r["accuracy_ci_bootstrap"]
-                elif r["accuracy_ci_half"] != "":
-                    lo, hi = r["accuracy_mean"] - r["accuracy_ci_half"], r["accuracy_mean"] + r["accuracy_ci_half"]
-                else:
-                    lo = hi = float("nan")
-                lows.append(lo)
-                highs.append(hi)
-            curves[label(s)] = ([r["fraction"] for r in rs], [r["accuracy_mean"] for r in rs], lows, highs)
+            bands = [plot_interval(r) for r in rs]
+            curves[label(s)] = (
+                [r["fraction"] for r in rs],
+                [r["accuracy_mean"] for r in rs],
+                [lo for lo, _ in bands],
+                [hi for _, hi in bands],
+            )
         refs = {}
         if probes:
             refs = {
