@@ -130,12 +130,14 @@ def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
     return labelled
 
 
-def _targets_path(run: Path, name: str) -> Path:
+def targets_path(run: Path, name: str) -> Path:
+    """RUN/targets/<name>.npz: a grid cell's targets file (name without loss or weighting suffix)."""
     return run / "targets" / f"{name}.npz"
 
 
-def _answers_path(run: Path, split: str) -> Path:
-    return run / "targets" / f"answers-{split}.npz"
+def answers_path(run: Path, split: str) -> Path:
+    """The teacher's answers on `split`, as the student stage reads them."""
+    return targets_path(run, f"answers-{split}")
 
 
 def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
@@ -143,7 +145,7 @@ def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
     scores), without the hidden states, so that stage can run where the caches are not."""
     for split, c in caches.items():
         write_npz(
-            _answers_path(run, split),
+            answers_path(run, split),
             ids=np.array(c.ids),
             scores=c.scores,
             mask=c.mask,
@@ -156,7 +158,7 @@ def load_answers(run: Path, splits: tuple[str, ...] = ("train", "dev", "test")) 
     """The caches of `run` as `save_answers` wrote them (`hidden` empty)."""
     caches = {}
     for split in splits:
-        path = _answers_path(run, split)
+        path = answers_path(run, split)
         if not path.exists():
             raise ProbekdError(
                 f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`, where the "
@@ -191,7 +193,7 @@ def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
 def _student_inputs_there(run: Path) -> bool:
     """Whether the probes' test predictions and the teacher's answers on every split are there: with the targets
     files, all the student stage reads."""
-    paths = [run / "probes" / "test.npz"] + [_answers_path(run, s) for s in ("train", "dev", "test")]
+    paths = [run / "probes" / "test.npz"] + [answers_path(run, s) for s in ("train", "dev", "test")]
     return all(p.exists() for p in paths)
 
 
@@ -212,7 +214,7 @@ def _check_same_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
         if c.ids != old.ids or c.scores.shape != old.scores.shape or not np.allclose(c.scores, old.scores, atol=1e-2):
             raise ProbekdError(
                 f"the teacher cache of split {split!r} made again under {run / 'teacher'} does not give the answers "
-                f"in {_answers_path(run, split)} (other ids or scores): the teacher or the data changed; redo the "
+                f"in {answers_path(run, split)} (other ids or scores): the teacher or the data changed; redo the "
                 "targets stage with --overwrite"
             )
 
@@ -225,7 +227,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     check_run_dir(run, cfg, overwrite)
     cells = list(dict.fromkeys(c[:3] for c in grid_cells(cfg)))  # targets depend on (signal, fraction, seed) only
     names = [cell_name(*c) for c in cells]
-    if not overwrite and _student_inputs_there(run) and all(_targets_path(run, n).exists() for n in names):
+    if not overwrite and _student_inputs_there(run) and all(targets_path(run, n).exists() for n in names):
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
         log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
         return
@@ -244,7 +246,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
     for n, (signal, fraction, seed) in enumerate(cells, 1):
         name = cell_name(signal, fraction, seed)
-        path = _targets_path(run, name)
+        path = targets_path(run, name)
         labelled = _labelled(caches["train"], fraction, seed)
         key = (signal, np.packbits(labelled).tobytes())  # e.g. every seed at fraction 1 labels the same rows
         if path.exists():
@@ -252,7 +254,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
             continue
         if key in done:  # the same inputs give the same targets: copied, not refitted
             log.info("targets %d/%d: %s (same labelled rows as %s)", n, len(cells), name, done[key])
-            same = SoftTargets.load(_targets_path(run, done[key]))
+            same = SoftTargets.load(targets_path(run, done[key]))
             same.meta["same_as"] = done[key]
             same.save(path)
             continue
@@ -295,7 +297,7 @@ def run_cell(
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
     labelled = _labelled(train, fraction, seed)
-    path = _targets_path(run, cell_name(signal, fraction, seed))
+    path = targets_path(run, cell_name(signal, fraction, seed))
     if not path.exists():
         raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")
     targets = SoftTargets.load(path)

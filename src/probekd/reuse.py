@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from probekd.atomic import copy_atomic
 from probekd.config import RunConfig
 from probekd.errors import ProbekdError
-from probekd.experiment import cell_name, check_run_dir, config_differences, grid_cells
+from probekd.experiment import cell_name, check_run_dir, config_differences, grid_cells, targets_path
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     names = [f"answers-{s}" for s in ("train", "dev", "test")]
     names += list(dict.fromkeys(cell_name(*c[:3]) for c in cells))
     for name in names:
-        src, dst = source / "targets" / f"{name}.npz", run / "targets" / f"{name}.npz"
+        src, dst = targets_path(source, name), targets_path(run, name)
         if src.exists() and not dst.exists():
             copy_atomic(src, dst)
             copied["targets"].append(name)
-    src_cells = {cell_name(*c): c for c in grid_cells(src_cfg)}
+    src_cells = {cell_name(*c) for c in grid_cells(src_cfg)}
     for signal, fraction, seed, loss, weighting in cells:
         name = cell_name(signal, fraction, seed, loss, weighting)
         src, dst = source / "students" / name, run / "students" / name
