@@ -15,7 +15,7 @@ import yaml
 from probekd.config import load_config
 from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
-from probekd.experiment import _test_part_done, run_experiment
+from probekd.experiment import _test_part_done, check_run_dir, grid_cells, run_experiment
 from probekd.report.report import kept_before_variant, plot_interval, terminal_table, write_report
 from probekd.reuse import reuse_run
 from probekd.targets import SoftTargets
@@ -330,6 +330,41 @@ def test_config_errors(tmp_path: Path) -> None:
     good.write_text(yaml.safe_dump({"grid": {"fractions": [0.5, 0.1, 0.5]}}))
     cfg = load_config(good, ["train.epochs=2", "student.lora=true"])
     assert cfg.grid.fractions == [0.1, 0.5] and cfg.train.epochs == 2 and cfg.student.lora is True
+
+
+def test_grid_exclude_leaves_cells_out_and_the_record_keeps_only_safe_entries(tmp_path: Path) -> None:
+    """`grid.exclude` drops the cells matching every axis an entry names; a run directory's record keeps an entry
+    only while no invocation's grid has a cell it names (such a cell may be in the directory)."""
+    axes = ["grid.fractions=[0.1, 1.0]", "grid.seeds=[0]", "grid.signals=[probe]"]
+    axes += ["grid.losses=[fkl, akl]", "grid.weightings=[none, paced, hard_filter]"]
+    akl_unweighted = ["grid.exclude=[{loss: akl, weighting: paced}, {loss: akl, weighting: hard_filter}]"]
+    cfg = load_config(None, axes + akl_unweighted)
+    cells = {(f, loss, w) for _, f, _, loss, w in grid_cells(cfg)}
+    fkl = {(f, "fkl", w) for f in (0.1, 1.0) for w in ("none", "paced", "hard_filter")}
+    assert cells == fkl | {(0.1, "akl", "none"), (1.0, "akl", "none")}
+    by_fraction = load_config(None, [*axes, "grid.exclude=[{fraction: 1.0, loss: akl}]"])
+    assert len(grid_cells(by_fraction)) == 6 + 3 and all(c[1] == 0.1 for c in grid_cells(by_fraction) if c[3] == "akl")
+
+    run = tmp_path / "run"
+    check_run_dir(run, cfg)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["grid"]["exclude"]
+    assert recorded == [{"loss": "akl", "weighting": "paced"}, {"loss": "akl", "weighting": "hard_filter"}]
+    assert grid_cells(load_config(run / "config.yaml")) == grid_cells(cfg)  # the record reads back as written
+    # a second invocation that trains AKL with PACED: that entry no longer holds; the hard-filter one still does
+    check_run_dir(run, load_config(None, [*axes[:3], "grid.losses=[akl]", "grid.weightings=[paced]"]))
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["grid"]["exclude"]
+    assert recorded == [{"loss": "akl", "weighting": "hard_filter"}]
+    # an invocation without exclude whose own cells avoid the entry leaves it in place
+    check_run_dir(run, load_config(None, [*axes[:3], "grid.losses=[fkl]", "grid.weightings=[none]"]))
+    assert yaml.safe_load((run / "config.yaml").read_text())["grid"]["exclude"] == recorded
+
+    with pytest.raises(ConfigError, match=r"grid\.exclude\.0: .*names at least one of signal"):
+        load_config(None, ["grid.exclude=[{}]"])
+    unknown = r"grid\.exclude\.0\.loss: .*'kll' is not a loss.*grid\.exclude\.0\.wieghting: unknown field"
+    with pytest.raises(ConfigError, match=unknown):
+        load_config(None, ["grid.exclude=[{loss: kll, wieghting: paced}]"])
+    with pytest.raises(ConfigError, match=r"grid\.exclude\.0\.signal: .*unknown signal 'logits'"):
+        load_config(None, ["grid.exclude=[{signal: logits}]"])
 
 
 def test_shipped_configs_are_valid() -> None:

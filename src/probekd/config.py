@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from probekd.errors import ConfigError
 from probekd.probes.pipeline import ProbeConfig
@@ -21,6 +21,41 @@ from probekd.teacher.pipeline import ExtractConfig
 from probekd.weighting import Scheme
 
 SPLITS = ("train", "dev", "test")
+
+
+class CellPattern(BaseModel):
+    """Grid cells to leave out: the axes it names must all match (an axis it leaves out matches anything)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signal: str | None = None
+    fraction: float | None = None
+    seed: int | None = None
+    loss: str | None = None
+    weighting: Scheme | None = None
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str | None) -> str | None:
+        if v is not None and v not in SIGNALS:
+            raise ValueError(f"unknown signal {v!r}; known: {list(SIGNALS)}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str | None) -> str | None:
+        return None if v is None else check_loss(v)
+
+    @model_validator(mode="after")
+    def _names_an_axis(self) -> CellPattern:
+        if not self.model_dump(exclude_none=True):
+            raise ValueError("an exclude entry names at least one of signal, fraction, seed, loss, weighting")
+        return self
+
+    def matches(self, signal: str, fraction: float, seed: int, loss: str, weighting: str) -> bool:
+        """Whether the cell (signal, fraction, seed, loss, weighting) is one this pattern names."""
+        cell = {"signal": signal, "fraction": fraction, "seed": seed, "loss": loss, "weighting": weighting}
+        return all(cell[k] == v for k, v in self.model_dump(exclude_none=True).items())
 
 
 class GridConfig(BaseModel):
@@ -43,6 +78,16 @@ class GridConfig(BaseModel):
     weightings: list[Scheme] | None = Field(
         None, description="Weighting axis (none, paced, hard_filter); default: train.weighting.scheme alone."
     )
+
+    exclude: list[CellPattern] = Field(
+        [],
+        description="Cells of the product to leave out, e.g. [{loss: akl, weighting: paced}] (AKL as an unweighted "
+        "comparator only); an entry names some axes, a cell matching all of them is not trained.",
+    )
+
+    @field_serializer("exclude")
+    def _dump_exclude(self, v: list[CellPattern]) -> list[dict[str, Any]]:
+        return [p.model_dump(exclude_none=True) for p in v]
 
     @field_validator("losses")
     @classmethod

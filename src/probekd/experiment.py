@@ -100,7 +100,8 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
 
 
 def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
-    """`cfg` with each grid axis extended by the values `old` had and `cfg` lacks (old ones first)."""
+    """`cfg` with each grid axis extended by the values `old` had and `cfg` lacks (old ones first), and the
+    `exclude` entries that name no cell of the other invocation."""
     defaults = {"losses": [cfg.train.loss], "weightings": [cfg.train.weighting.scheme]}
     merged: dict[str, Any] = {}
     for axis in ("fractions", "seeds", "signals", "losses", "weightings"):
@@ -109,6 +110,10 @@ def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
             continue
         a, b = a or defaults[axis], b or defaults[axis]
         merged[axis] = list(dict.fromkeys([*a, *b]))
+    # an entry that one side leaves out stays out only if the other side has no cell it names (that cell may be there)
+    keep = [p for p in cfg.grid.exclude if not any(p.matches(*c) for c in grid_cells(old))]
+    keep += [p for p in old.grid.exclude if p not in keep and not any(p.matches(*c) for c in grid_cells(cfg))]
+    merged["exclude"] = keep
     # through validation again, so that the fractions come out sorted as always
     grid = type(cfg.grid).model_validate(cfg.grid.model_dump() | merged)
     return cfg.model_copy(update={"grid": grid})
@@ -178,9 +183,9 @@ def load_answers(run: Path, splits: tuple[str, ...] = ("train", "dev", "test")) 
 
 
 def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
-    """(signal, fraction, seed, loss, weighting) of every grid cell."""
+    """(signal, fraction, seed, loss, weighting) of every grid cell: the product of the axes less `grid.exclude`."""
     g = cfg.grid
-    return [
+    cells = [
         (s, f, seed, loss, w)
         for f in g.fractions
         for seed in g.seeds
@@ -188,6 +193,7 @@ def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
         for loss in (g.losses or [cfg.train.loss])
         for w in (g.weightings or [cfg.train.weighting.scheme])
     ]
+    return [c for c in cells if not any(p.matches(*c) for p in g.exclude)]
 
 
 def _student_inputs_there(run: Path) -> bool:
