@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from probekd.cli import app
 from probekd.config import load_config
 from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import _test_part_done, check_run_dir, grid_cells, run_experiment
-from probekd.report.report import kept_before_variant, plot_interval, terminal_table, write_report
+from probekd.report.report import kept_before_variant, plot_interval, terminal_table, unfinished, write_report
 from probekd.reuse import reuse_run
 from probekd.targets import SoftTargets
 
@@ -76,6 +78,7 @@ def test_report_files_and_tables(finished_run: Path) -> None:
     chance = np.mean([1 / e.k for e in load_task("arc_easy").splits["test"][:16]])  # a uniform guess per question
     assert f"Chance on test (a uniform guess among each question's options): {chance:.3f}." in text
 
+    assert "Partial" not in text
     assert (report / "data_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = terminal_table(finished_run)
     assert table.splitlines()[0].split() == ["signal", "f=0.5", "f=1"] and "Probe-KD" in table
@@ -93,6 +96,22 @@ def test_plotted_band_is_an_accuracy_interval() -> None:
         0.5,
     )
     assert all(np.isnan(plot_interval({"accuracy_mean": 0.4, "accuracy_ci_half": "", "accuracy_ci_bootstrap": ""})))
+
+
+def test_report_of_an_unfinished_grid_says_what_is_missing(finished_run: Path, tmp_path: Path) -> None:
+    """A grid with cells still to train says so (count by fraction), in report.md and after `probekd report`'s
+    table; a cell whose folder holds only checkpoints is not finished."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "students" / "probe-f1-s0" / "metrics.json").unlink()
+    shutil.rmtree(run / "students" / "hard-f0.5-s1")
+    want = "Partial: 14 of the grid's 16 cells are finished (1 at fraction 0.5, 1 at fraction 1 to go;"
+    assert f"**{want}" in write_report(run).read_text()
+    assert unfinished(run).startswith(want)
+    printed = CliRunner().invoke(app, ["report", str(run)])
+    assert printed.exit_code == 0 and printed.output.splitlines()[-2].startswith(want)
+    (run / "config.yaml").write_text("task: [not, a, task]\n")  # unreadable: the report describes what is there
+    assert unfinished(run) is None
 
 
 def test_report_chance_level_follows_each_questions_options(finished_run: Path, tmp_path: Path) -> None:

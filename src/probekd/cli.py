@@ -300,10 +300,13 @@ def run(
 @app.command("report")
 def report(run: Annotated[Path, typer.Argument(help="Run directory with finished students.")]) -> None:
     """Write RUN/report/ (report.md, results.csv, summary.csv, plots) from the finished grid cells."""
-    from probekd.report.report import terminal_table, write_report
+    from probekd.report.report import terminal_table, unfinished, write_report
 
     path = write_report(run)
     typer.echo(terminal_table(run))
+    partial = unfinished(run)
+    if partial:
+        typer.echo(partial)
     typer.echo(str(path))
 
 

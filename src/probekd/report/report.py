@@ -66,6 +66,28 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
     return cells
 
 
+def unfinished(run: Path) -> str | None:
+    """A sentence saying how many of the grid's cells (RUN/config.yaml) have no finished student yet, by fraction;
+    None when all have one or the configuration cannot be read (then the report describes what is there)."""
+    from probekd.config import RunConfig
+    from probekd.experiment import cell_name, grid_cells
+
+    try:
+        cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, ValueError):
+        return None
+    cells = grid_cells(cfg)
+    missing = [c for c in cells if not (run / "students" / cell_name(*c) / "metrics.json").exists()]
+    if not missing:
+        return None
+    by_fraction = {f: sum(c[1] == f for c in missing) for f in sorted({c[1] for c in missing})}
+    where = ", ".join(f"{n} at fraction {f:g}" for f, n in by_fraction.items())
+    return (
+        f"Partial: {len(cells) - len(missing)} of the grid's {len(cells)} cells are finished ({where} to go; "
+        "`probekd run` resumes them)."
+    )
+
+
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -270,6 +292,9 @@ def write_report(run: Path) -> Path:
         f"mode `{cfg.get('grid', {}).get('mode', '?')}`, {len(cells)} students.",
         "",
     ]
+    partial = unfinished(run)
+    if partial:
+        lines += [f"**{partial}**", ""]
     if probes:
         t = probes["teacher_accuracy"]
         p = probes["probe_accuracy"]
