@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from probekd.evaluate import bootstrap_ci, classification_metrics, expected_calibration_error, mean_ci
+from probekd.evaluate import (
+    bootstrap_ci,
+    classification_metrics,
+    expected_calibration_error,
+    mean_ci,
+    normalized_entropy,
+)
 
 
 def test_bootstrap_matches_scipy_percentile_interval() -> None:
@@ -42,3 +48,15 @@ def test_mean_ci_is_the_t_interval() -> None:
     lo, hi = stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=stats.sem(x))
     assert mean == pytest.approx(np.mean(x)) and half == pytest.approx((hi - lo) / 2)
     assert np.isnan(mean_ci([0.5])[1])
+
+
+def test_normalized_entropy_against_scipy() -> None:
+    """Entropy over each question's own options, divided by ln K: 1 for uniform, 0 for certain; masked options and
+    one-option questions take no part."""
+    probs = np.array([[0.25, 0.25, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3, 0.0], [1.0, 0, 0, 0], [0.7, 0.2, 0.1, 0.0]])
+    mask = np.array([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0]], dtype=bool)
+    want = np.mean([1.0, 1.0, 0.0, stats.entropy([0.7, 0.2, 0.1]) / np.log(3)])
+    assert normalized_entropy(probs, mask) == pytest.approx(want)
+    one = np.array([[1, 0, 0, 0]], dtype=bool)
+    assert normalized_entropy(np.vstack([probs, [[1.0, 0, 0, 0]]]), np.vstack([mask, one])) == pytest.approx(want)
+    assert np.isnan(normalized_entropy(np.array([[1.0, 0.0]]), np.array([[True, False]])))

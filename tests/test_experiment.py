@@ -114,6 +114,25 @@ def test_report_of_an_unfinished_grid_says_what_is_missing(finished_run: Path, t
     assert unfinished(run) is None
 
 
+def test_report_flags_students_that_answer_almost_uniformly(finished_run: Path, tmp_path: Path) -> None:
+    """A student whose test probabilities are a uniform guess is named in report.md, with its `test_entropy` 1 in
+    results.csv; the others are below the threshold there (a tiny student trained on 16 rows can be flagged too)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with np.load(run / "targets" / "answers-test.npz") as z:
+        mask = z["mask"].astype(bool)
+    np.save(run / "students" / "probe-f1-s0" / "test_probs.npy", mask / mask.sum(1, keepdims=True))
+    text = write_report(run).read_text()
+    with open(run / "report" / "results.csv") as f:
+        entropy = {
+            f"{r['signal']}-f{float(r['fraction']):g}-s{r['seed']}": float(r["test_entropy"]) for r in csv.DictReader(f)
+        }
+    assert entropy["probe-f1-s0"] == pytest.approx(1.0)
+    flagged = sorted(n for n, e in entropy.items() if e > 0.99)
+    line = next(x for x in text.splitlines() if "answer almost uniformly" in x)
+    assert line.startswith(f"**{len(flagged)} of 16 students") and all(f"`{n}`" in line for n in flagged)
+
+
 def test_report_chance_level_follows_each_questions_options(finished_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -35,6 +35,17 @@ def expected_calibration_error(probs: np.ndarray, answers: np.ndarray, n_bins: i
     return float(ece)
 
 
+def normalized_entropy(probs: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over questions of the prediction's entropy divided by ln K (K = that question's options): 1 for a uniform
+    guess, 0 for certainty. A student near 1 barely moved from uniform (under-trained or collapsed), however its
+    accuracy reads; questions with one option are left out."""
+    k = mask.sum(1)
+    keep = k > 1
+    p = np.where(mask, probs, 0.0)[keep]
+    h = -np.where(p > 0, p * np.log(np.clip(p, 1e-30, None)), 0.0).sum(1)
+    return float((h / np.log(k[keep])).mean()) if keep.any() else float("nan")
+
+
 def classification_metrics(
     probs: np.ndarray, answers: np.ndarray, others: dict[str, np.ndarray] | None = None, seed: int = 0
 ) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import yaml
 
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
-from probekd.evaluate import bootstrap_ci, mean_ci
+from probekd.evaluate import bootstrap_ci, mean_ci, normalized_entropy
 from probekd.probes.select import chosen_label
 from probekd.report.plots import plot_data_efficiency
 from probekd.teacher.cache import TeacherCache, load_cache
@@ -35,8 +35,9 @@ LABELS = {
 CELL_COLUMNS = [
     "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy",
     "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy",
-    "seconds",
+    "test_entropy", "seconds",
 ]  # fmt: skip
+NEAR_UNIFORM = 0.99  # a student whose test predictions' normalized entropy is above this is flagged in the report
 
 
 def label(variant: str) -> str:
@@ -119,6 +120,31 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _add_test_entropy(run: Path, cells: list[dict[str, Any]], mask: np.ndarray) -> None:
+    """Each cell's `test_entropy` (`normalized_entropy` of its test probabilities; None without them)."""
+    for c in cells:
+        path = run / "students" / c["cell"] / "test_probs.npy"
+        probs = np.load(path) if path.exists() else None
+        c["test_entropy"] = (
+            round(normalized_entropy(probs, mask), 4) if probs is not None and probs.shape == mask.shape else None
+        )
+
+
+def near_uniform_note(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines naming the students whose test predictions are almost a uniform guess (none: no lines)."""
+    flat = sorted(c["cell"] for c in cells if (c.get("test_entropy") or 0) > NEAR_UNIFORM)
+    if not flat:
+        return []
+    return [
+        f"**{len(flat)} of {len(cells)} students answer almost uniformly** (normalized entropy of their test "
+        f"predictions above {NEAR_UNIFORM}; 1 is a uniform guess, column `test_entropy` of `results.csv`): "
+        + ", ".join(f"`{n}`" for n in flat)
+        + ". They have barely moved from a uniform guess (under-trained; collapsed where their accuracy is near "
+        "chance too): their accuracy rests on small differences between nearly equal scores.",
+        "",
+    ]
 
 
 def _correct(run: Path, cell: dict[str, Any], answers: np.ndarray) -> np.ndarray | None:
@@ -263,6 +289,8 @@ def write_report(run: Path) -> Path:
     test = _test_cache(run)
     answers = test.answers if test is not None else None
     chance = float((1 / test.mask.sum(1)).mean()) if test is not None and len(test.mask) else None
+    if test is not None:
+        _add_test_entropy(run, cells, test.mask)
     fractions = sorted({c["fraction"] for c in cells})
     signals = sorted({c["variant"] for c in cells}, key=_order)
     comparisons = [
@@ -333,6 +361,7 @@ def write_report(run: Path) -> Path:
         "",
         "![accuracy vs labelled fraction](data_efficiency.png)",
         "",
+        *near_uniform_note(cells),
     ]
     lines += _comparison_table(
         "Probe-KD against each other signal (paired by seed, test accuracy difference)", "against", "Probe-KD",
