@@ -122,11 +122,16 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _test_probs(run: Path, cell: dict[str, Any]) -> np.ndarray | None:
+    """A finished student's probabilities on the test questions [N, K], None if it saved none."""
+    path = run / "students" / cell["cell"] / "test_probs.npy"
+    return np.load(path) if path.exists() else None
+
+
 def _add_test_entropy(run: Path, cells: list[dict[str, Any]], mask: np.ndarray) -> None:
     """Each cell's `test_entropy` (`normalized_entropy` of its test probabilities; None without them)."""
     for c in cells:
-        path = run / "students" / c["cell"] / "test_probs.npy"
-        probs = np.load(path) if path.exists() else None
+        probs = _test_probs(run, c)
         c["test_entropy"] = (
             round(normalized_entropy(probs, mask), 4) if probs is not None and probs.shape == mask.shape else None
         )
@@ -148,10 +153,9 @@ def near_uniform_note(cells: list[dict[str, Any]]) -> list[str]:
 
 
 def _correct(run: Path, cell: dict[str, Any], answers: np.ndarray) -> np.ndarray | None:
-    path = run / "students" / cell["cell"] / "test_probs.npy"
-    if not path.exists():
+    probs = _test_probs(run, cell)
+    if probs is None:
         return None
-    probs = np.load(path)
     lab = answers >= 0
     return (probs[lab].argmax(1) == answers[lab]).astype(np.float64)
 
