@@ -111,8 +111,9 @@ def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
         a, b = a or defaults[axis], b or defaults[axis]
         merged[axis] = list(dict.fromkeys([*a, *b]))
     # an entry that one side leaves out stays out only if the other side has no cell it names (that cell may be there)
-    keep = [p for p in cfg.grid.exclude if not any(p.matches(*c) for c in grid_cells(old))]
-    keep += [p for p in old.grid.exclude if p not in keep and not any(p.matches(*c) for c in grid_cells(cfg))]
+    old_cells, new_cells = grid_cells(old), grid_cells(cfg)
+    keep = [p for p in cfg.grid.exclude if not any(p.matches(*c) for c in old_cells)]
+    keep += [p for p in old.grid.exclude if p not in keep and not any(p.matches(*c) for c in new_cells)]
     merged["exclude"] = keep
     # through validation again, so that the fractions come out sorted as always
     grid = type(cfg.grid).model_validate(cfg.grid.model_dump() | merged)
@@ -138,6 +139,11 @@ def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
 def targets_path(run: Path, name: str) -> Path:
     """RUN/targets/<name>.npz: a grid cell's targets file (name without loss or weighting suffix)."""
     return run / "targets" / f"{name}.npz"
+
+
+def student_dir(run: Path, name: str) -> Path:
+    """RUN/students/<name>/: a grid cell's student (finished when its metrics.json is there)."""
+    return run / "students" / name
 
 
 def answers_path(run: Path, split: str) -> Path:
@@ -290,7 +296,7 @@ def run_cell(
     from probekd.student.train import Rows, predict, train_student
 
     name = cell_name(signal, fraction, seed, loss, weighting)
-    out = run / "students" / name
+    out = student_dir(run, name)
     if (out / "metrics.json").exists():
         done = json.loads((out / "metrics.json").read_text())
         if done.get("mode", cfg.grid.mode) != cfg.grid.mode:  # e.g. a student copied in from another run

@@ -20,7 +20,14 @@ from pydantic import ValidationError
 from probekd.atomic import copy_atomic
 from probekd.config import RunConfig
 from probekd.errors import ProbekdError
-from probekd.experiment import cell_name, check_run_dir, config_differences, grid_cells, targets_path
+from probekd.experiment import (
+    cell_name,
+    check_run_dir,
+    config_differences,
+    grid_cells,
+    student_dir,
+    targets_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +79,7 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     src_cells = {cell_name(*c) for c in grid_cells(src_cfg)}
     for signal, fraction, seed, loss, weighting in cells:
         name = cell_name(signal, fraction, seed, loss, weighting)
-        src, dst = source / "students" / name, run / "students" / name
+        src, dst = student_dir(source, name), student_dir(run, name)
         if name not in src_cells or not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
             continue
         if cell_training(src_cfg, loss, weighting) != cell_training(cfg, loss, weighting):

@@ -71,14 +71,14 @@ def unfinished(run: Path) -> str | None:
     """A sentence saying how many of the grid's cells (RUN/config.yaml) have no finished student yet, by fraction;
     None when all have one or the configuration cannot be read (then the report describes what is there)."""
     from probekd.config import RunConfig
-    from probekd.experiment import cell_name, grid_cells
+    from probekd.experiment import cell_name, grid_cells, student_dir
 
     try:
         cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     except (OSError, yaml.YAMLError, ValueError):
         return None
     cells = grid_cells(cfg)
-    missing = [c for c in cells if not (run / "students" / cell_name(*c) / "metrics.json").exists()]
+    missing = [c for c in cells if not (student_dir(run, cell_name(*c)) / "metrics.json").exists()]
     if not missing:
         return None
     by_fraction = {f: sum(c[1] == f for c in missing) for f in sorted({c[1] for c in missing})}
@@ -124,7 +124,9 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _test_probs(run: Path, cell: dict[str, Any]) -> np.ndarray | None:
     """A finished student's probabilities on the test questions [N, K], None if it saved none."""
-    path = run / "students" / cell["cell"] / "test_probs.npy"
+    from probekd.experiment import student_dir
+
+    path = student_dir(run, cell["cell"]) / "test_probs.npy"
     return np.load(path) if path.exists() else None
 
 
