@@ -24,11 +24,12 @@ from probekd.errors import ConfigError, ProbekdError
 from probekd.teacher import cache as tcache
 from probekd.teacher.extract import (
     extract_letter_batch,
-    extract_option_question,
+    extract_option_batch,
     length_batches,
     letter_token_ids,
     load_teacher,
     naive_letter_extract,
+    option_tokens,
     resolve_layers,
     shared_prefix,
 )
@@ -88,24 +89,41 @@ def test_batched_letter_gather_equals_unbatched(teacher, side: str) -> None:
     teacher.tokenizer.padding_side = "right"
 
 
-def test_option_kv_reuse_equals_full_sequences(teacher) -> None:
+def test_option_batch_equals_full_sequences(teacher) -> None:
+    """Questions of different prefix lengths and option counts, options of different token lengths, batched, with
+    and without the shared prefix from its cache: every option's states, mean and log-likelihood equal running
+    prefix + option alone through the model."""
     tok = teacher.tokenizer
-    ex = examples(5)[4]
-    prefix, conts = PRESETS["base"].option_texts(ex)
+    tpl = PRESETS["base"]
+    exs = [
+        MCQExample(e.id, e.question, tuple(" ".join([o] * (1 + j % 3)) for j, o in enumerate(e.options)), e.answer)
+        for e in examples(5)
+    ]
+    tokens = [option_tokens(tok, *tpl.option_texts(e)) for e in exs]
+    assert len({len(pre) for pre, _ in tokens}) > 1 and len({len(cs) for _, cs in tokens}) > 1
+    assert len({len(c) for _, cs in tokens for c in cs}) > 1  # prefixes, option counts, options: all padded
     layers = [0, 1, 2]
-    last, mean, scores = extract_option_question(teacher, prefix, conts, layers)
-    pre = tok(prefix)["input_ids"]
-    for j, c in enumerate(conts):
-        cid = tok(c, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([pre + cid])
-        with torch.inference_mode():
-            out = teacher.model(input_ids=ids, output_hidden_states=True)
-        hs = out.hidden_states
-        torch.testing.assert_close(last[j, :2], torch.stack([hs[0][0, -1], hs[1][0, -1]]), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(mean[j, 1], hs[1][0, len(pre) :].mean(0), atol=1e-5, rtol=1e-4)
-        logp = torch.log_softmax(out.logits[0].float(), -1)
-        ll = sum(logp[len(pre) - 1 + t, cid[t]].item() for t in range(len(cid))) / len(cid)
-        assert scores[j].item() == pytest.approx(ll, abs=1e-4)
+    shared = shared_prefix(teacher, [pre for pre, _ in tokens], min_len=1)
+    assert shared is not None
+    plain = extract_option_batch(teacher, [p for p, _ in tokens], [c for _, c in tokens], layers)
+    cached = extract_option_batch(teacher, [p for p, _ in tokens], [c for _, c in tokens], layers, shared)
+    for (pre, conts), got, got_shared in zip(tokens, plain, cached, strict=True):
+        for last, mean, scores in (got, got_shared):
+            assert last.shape == mean.shape == (len(conts), 3, teacher.hidden_size) and scores.shape == (len(conts),)
+            for j, cid in enumerate(conts):
+                with torch.inference_mode():
+                    out = teacher.model(input_ids=torch.tensor([pre + cid]), output_hidden_states=True)
+                hs = out.hidden_states
+                # hs[2], the tiny model's last entry, comes after the final norm; ours is the block output
+                torch.testing.assert_close(last[j, :2], torch.stack([hs[0][0, -1], hs[1][0, -1]]), atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(mean[j, 1], hs[1][0, len(pre) :].mean(0), atol=1e-5, rtol=1e-4)
+                logp = torch.log_softmax(out.logits[0].float(), -1)
+                ll = sum(logp[len(pre) - 1 + t, cid[t]].item() for t in range(len(cid))) / len(cid)
+                assert scores[j].item() == pytest.approx(ll, abs=1e-4)
+    with pytest.raises(ValueError, match="start with it"):
+        extract_option_batch(teacher, [tokens[0][0][1:]], [tokens[0][1]], layers, shared)
+    with pytest.raises(ConfigError, match="no tokens"):
+        option_tokens(tok, "Question: why?", [" yes", ""])
 
 
 @settings(max_examples=200, deadline=None)

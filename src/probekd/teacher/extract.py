@@ -3,9 +3,9 @@
 Two formulations (see DESIGN.md):
 - `letter`: one prompt per question listing all options; the state at the last prompt token; the teacher's answer
   is the logits of the option-letter tokens at that position (computed in fp32 from the final-norm state).
-- `option`: one sequence per (question, option); the question prefix runs once and its key/value cache is reused
-  for the K continuations; the state at each option's last token (and the mean over its tokens); the teacher's
-  answer is each option's length-normalized log-likelihood.
+- `option`: one sequence per (question, option); the question prefixes of a batch run once and each one's
+  key/value cache is reused for its K continuations; the state at each option's last token (and the mean over its
+  tokens); the teacher's answer is each option's length-normalized log-likelihood.
 
 Layer 0 is the embedding output, layer i the output of decoder block i (the residual stream, before the final
 norm for every layer, so the curve is comparable across depth). Hidden states are read with forward hooks that keep
@@ -218,6 +218,14 @@ def length_batches(lengths: list[int], max_size: int, max_padding: float = 0.1) 
     return batches
 
 
+def _right_padded(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, T] ids right-padded with `pad`, and the [N, T] mask of real tokens."""
+    t = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad] * (t - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (t - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
 @torch.inference_mode()
 def extract_letter_batch(
     teacher: Teacher,
@@ -243,16 +251,14 @@ def extract_letter_batch(
         if isinstance(prompts[0], str) or any(list(t[:p]) != prefix.ids for t in prompts):  # type: ignore[index]
             raise ValueError("with a shared prefix, prompts must be token ids that start with it")
         rest = [list(t[p:]) for t in prompts]  # type: ignore[index]
-        T = max(len(r) for r in rest)
-        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rest], device=dev)
-        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rest], device=dev)  # right padding
+        ids, mask = _right_padded(rest, tok.pad_token_id, dev)
         last = mask.sum(1) - 1
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(len(rest))
         full_mask = torch.cat([torch.ones(len(rest), p, dtype=mask.dtype, device=dev), mask], dim=1)
         kwargs = {
             "attention_mask": full_mask,
-            "position_ids": (p + torch.arange(T, device=dev)).expand(len(rest), T),
+            "position_ids": (p + torch.arange(ids.shape[1], device=dev)).expand(*ids.shape),
             "past_key_values": cache,
             "use_cache": True,
         }
@@ -285,46 +291,81 @@ def extract_letter_batch(
     return hidden.cpu(), logits.cpu()
 
 
-@torch.inference_mode()
-def extract_option_question(
-    teacher: Teacher, prefix: str, continuations: list[str], layers: list[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For one question: per-option hidden states at the option's last token [K, len(layers), H], the mean over
-    the option's tokens [K, len(layers), H], and the length-normalized log-likelihood of each option [K].
-
-    The prefix runs once; its key/value cache is repeated for the K continuations.
-    """
-    from transformers import DynamicCache
-
-    tok = teacher.tokenizer
-    dev = teacher.device
-    pre = tok(prefix, return_tensors="pt", add_special_tokens=True)["input_ids"].to(dev)
-    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in continuations]
+def option_tokens(tokenizer: Any, prefix: str, continuations: list[str]) -> tuple[list[int], list[list[int]]]:
+    """Token ids of an `option`-formulation question: the prefix (with the tokenizer's special tokens) and each
+    continuation (without them), tokenized separately so that every option starts on a token boundary."""
+    pre = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+    conts = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
     if any(len(c) == 0 for c in conts):
         raise ConfigError(f"an option tokenizes to no tokens: {continuations}")
-    k, p = len(conts), pre.shape[1]
-    t = max(len(c) for c in conts)
-    pad = tok.pad_token_id
-    cont_ids = torch.tensor([c + [pad] * (t - len(c)) for c in conts], device=dev)
-    cont_mask = torch.tensor([[1] * len(c) + [0] * (t - len(c)) for c in conts], device=dev)
+    return pre, conts
+
+
+@torch.inference_mode()
+def extract_option_batch(
+    teacher: Teacher,
+    prefixes: list[list[int]],
+    continuations: list[list[list[int]]],
+    layers: list[int],
+    shared: SharedPrefix | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each question of a batch (token ids from `option_tokens`): the hidden states at each option's last token
+    [K, len(layers), H], their mean over the option's tokens [K, len(layers), H], and each option's
+    length-normalized log-likelihood [K] (fp32).
+
+    Two forward passes: the questions' prefixes together (right-padded; with `shared`, only what follows the shared
+    prefix, whose key/value cache is copied in), then every (question, option) continuation at once on its
+    question's cache. Padding is masked and positions are explicit, so each row sees exactly its own prefix and
+    option, as if run alone. The output layer runs only at the rows that predict an option token.
+    """
+    import copy
+
+    from transformers import DynamicCache
+
+    dev = teacher.device
+    pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
+    p0 = len(shared.ids) if shared is not None else 0
+    rests = [list(p[p0:]) for p in prefixes]
+    if shared is not None and any(list(p[:p0]) != shared.ids or len(p) == p0 for p in prefixes):
+        raise ValueError("with a shared prefix, every prefix must start with it and go on after it")
+    if any(len(c) == 0 for cs in continuations for c in cs) or any(len(cs) == 0 for cs in continuations):
+        raise ValueError("every question needs options, and every option at least one token")
+    b = len(rests)
+    rest_ids, rest_mask = _right_padded(rests, pad, dev)
+    rest_len = rest_mask.sum(1)
+    if shared is not None:
+        cache = copy.deepcopy(shared.cache)
+        cache.batch_repeat_interleave(b)
+    else:
+        cache = DynamicCache()
+
+    def with_shared(mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.ones(mask.shape[0], p0, dtype=mask.dtype, device=dev), mask], dim=1)
+
+    r = rest_ids.shape[1]
+    out = teacher.decoder(
+        input_ids=rest_ids,
+        attention_mask=with_shared(rest_mask),
+        position_ids=(p0 + torch.arange(r, device=dev)).expand(b, r),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    pre_last = out.last_hidden_state[torch.arange(b, device=dev), rest_len - 1].float()  # after the final norm
+
+    k = [len(cs) for cs in continuations]
+    q = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(k, device=dev))  # each row's question
+    cont_ids, cont_mask = _right_padded([c for cs in continuations for c in cs], pad, dev)
     lengths = cont_mask.sum(1)
-
-    # the prefix, once: its cache and the logits of its last position (which predict each option's first token)
-    cache = DynamicCache()
-    out = teacher.decoder(input_ids=pre, past_key_values=cache, use_cache=True)
-    pre_last = out.last_hidden_state[:, -1].float()  # after the final norm
-    cache.batch_repeat_interleave(k)
-
+    t = cont_ids.shape[1]
+    cache.batch_select_indices(q)
     tap = _LayerTap(teacher, layers, need_norm=True)
     tap.gather = lengths - 1
     tap.span = cont_mask.float()
-    full_mask = torch.cat([torch.ones(k, p, dtype=cont_mask.dtype, device=dev), cont_mask], dim=1)
-    position_ids = (p + torch.arange(t, device=dev)).expand(k, t)
     try:
         teacher.decoder(
             input_ids=cont_ids,
-            attention_mask=full_mask,
-            position_ids=position_ids,
+            attention_mask=with_shared(torch.cat([rest_mask[q], cont_mask], dim=1)),
+            position_ids=(p0 + rest_len[q])[:, None] + torch.arange(t, device=dev),
             past_key_values=cache,
             use_cache=True,
         )
@@ -332,12 +373,14 @@ def extract_option_question(
         tap.remove()
     last, mean = tap.stacked()
     assert tap.norm_out is not None and mean is not None
-    # state predicting token j of the option: the prefix's last state for j=0, the option's state j-1 after
-    states = torch.cat([pre_last.expand(k, 1, -1), tap.norm_out[:, : t - 1].float()], dim=1)  # [K, T, H]
-    logp = torch.log_softmax(_softcap(teacher, states @ _output_rows(teacher).T), dim=-1)
-    tok_logp = logp.gather(-1, cont_ids[..., None])[..., 0] * cont_mask
+    # the state predicting token j of an option: the prefix's last state for j=0, the option's state j-1 after
+    states = torch.cat([pre_last[q][:, None], tap.norm_out[:, : t - 1].float()], dim=1)  # [N, T, H]
+    real = cont_mask.bool()
+    logp = torch.log_softmax(_softcap(teacher, states[real] @ _output_rows(teacher).T), dim=-1)
+    tok_logp = torch.zeros(cont_ids.shape, device=dev)
+    tok_logp[real] = logp.gather(-1, cont_ids[real][:, None])[:, 0]
     scores = tok_logp.sum(1) / lengths
-    return last.cpu(), mean.cpu(), scores.cpu()
+    return list(zip(last.cpu().split(k), mean.cpu().split(k), scores.cpu().split(k), strict=True))
 
 
 def naive_letter_extract(teacher: Teacher, prompt: str, letter_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,11 +396,12 @@ def naive_letter_extract(teacher: Teacher, prompt: str, letter_ids: list[int]) -
 __all__ = [
     "Teacher",
     "extract_letter_batch",
-    "extract_option_question",
+    "extract_option_batch",
     "length_batches",
     "letter_token_ids",
     "load_teacher",
     "naive_letter_extract",
+    "option_tokens",
     "resolve_layers",
     "shared_prefix",
 ]

@@ -20,10 +20,11 @@ from probekd.teacher import cache as tcache
 from probekd.teacher.extract import (
     Teacher,
     extract_letter_batch,
-    extract_option_question,
+    extract_option_batch,
     length_batches,
     letter_token_ids,
     load_teacher,
+    option_tokens,
     resolve_layers,
     shared_prefix,
 )
@@ -50,7 +51,9 @@ class ExtractConfig(BaseModel):
         "auto", description="dtype of the forward pass: auto = float32 on CPU, bfloat16 on CUDA."
     )
     device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
-    batch_size: int = Field(16, ge=1, description="Prompts per forward pass (`letter`).")
+    batch_size: int = Field(
+        16, ge=1, description="Prompts per forward pass (`letter`); questions, each with its K options (`option`)."
+    )
     shard_size: int = Field(256, ge=1, description="Examples per cache shard (the unit of resume).")
 
 
@@ -129,16 +132,25 @@ def _letter_shard(
 
 
 def _option_shard(
-    teacher: Teacher, exs: list[MCQExample], template: PromptTemplate, layers: list[int], kmax: int, bar: tqdm
+    teacher: Teacher,
+    exs: list[MCQExample],
+    template: PromptTemplate,
+    layers: list[int],
+    kmax: int,
+    bs: int,
+    bar: tqdm,
 ) -> dict[str, torch.Tensor]:
     shape = (len(exs), kmax, len(layers), teacher.hidden_size)
     hidden, hidden_mean = torch.zeros(shape), torch.zeros(shape)
     scores = torch.full((len(exs), kmax), float("-inf"))
-    for i, e in enumerate(exs):
-        prefix, conts = template.option_texts(e, teacher.tokenizer)
-        last, mean, s = extract_option_question(teacher, prefix, conts, layers)
-        hidden[i, : e.k], hidden_mean[i, : e.k], scores[i, : e.k] = last, mean, s
-        bar.update(1)
+    tokens = [option_tokens(teacher.tokenizer, *template.option_texts(e, teacher.tokenizer)) for e in exs]
+    shared = shared_prefix(teacher, [pre for pre, _ in tokens])  # the chat header and instructions, once per shard
+    for idx in length_batches([len(pre) + max(map(len, conts)) for pre, conts in tokens], bs):
+        outs = extract_option_batch(teacher, [tokens[i][0] for i in idx], [tokens[i][1] for i in idx], layers, shared)
+        for i, (last, mean, s) in zip(idx, outs, strict=True):
+            k = exs[i].k
+            hidden[i, :k], hidden_mean[i, :k], scores[i, :k] = last, mean, s
+        bar.update(len(idx))
     return {"hidden": hidden, "hidden_mean": hidden_mean, "scores": scores}
 
 
@@ -166,7 +178,7 @@ def extract_split(
             if cfg.formulation == "letter":
                 tensors = _letter_shard(teacher, exs, template, layers, kmax, cfg.batch_size, bar)
             else:
-                tensors = _option_shard(teacher, exs, template, layers, kmax, bar)
+                tensors = _option_shard(teacher, exs, template, layers, kmax, cfg.batch_size, bar)
             mask = torch.from_numpy(option_mask(exs, kmax))
             tensors["scores"] = tensors["scores"].masked_fill(~mask, float("-inf"))
             tensors |= {"mask": mask.to(torch.uint8), "answers": torch.from_numpy(answers_array(exs))}
