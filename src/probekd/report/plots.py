@@ -13,15 +13,21 @@ from matplotlib.ticker import MaxNLocator
 
 from probekd.atomic import atomic_path
 
+Curve = tuple[list[float], list[float], list[float], list[float]]  # fractions, means, interval lows, highs
 
-def _finish(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
-    """Grid, the legend outside the axes on the right (never over the data), and an atomic PNG write."""
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    """Tight layout and an atomic PNG write."""
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _decorate(ax: plt.Axes) -> None:
+    """Grid, and the legend outside the axes on the right (never over the data)."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def plot_layers(
@@ -50,21 +56,26 @@ def plot_layers(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
-    _finish(fig, ax, path)
+    _decorate(ax)
+    _save(fig, path)
 
 
-def plot_data_efficiency(
-    path: Path,
-    curves: dict[str, tuple[list[float], list[float], list[float], list[float]]],
-    *,
-    references: dict[str, float],
-    title: str,
-) -> None:
-    """Test accuracy against the labelled fraction: per signal (fractions, means, interval lows, interval highs),
-    a line with a band (error bars where there is a single fraction); `references` as horizontal lines."""
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
-    xs_all = sorted({x for xs, *_ in curves.values() for x in xs})
-    offsets = {name: (i - (len(curves) - 1) / 2) * 0.02 for i, name in enumerate(curves)}  # dodge single points
+def _panels(curves: dict[str, Curve]) -> dict[str, dict[str, Curve]]:
+    """Curves grouped for plotting: one group of all when no name has a loss/weighting part (`signal · loss ·
+    weighting`); otherwise one group per signal, holding its plain curve (labelled `fkl · none`) and its variants
+    (labelled by their loss and weighting), so that no panel has more lines than the colour cycle has colours."""
+    if not any(" · " in name for name in curves):
+        return {"": curves}
+    panels: dict[str, dict[str, Curve]] = {}
+    for name, curve in curves.items():
+        signal, _, variant = name.partition(" · ")
+        panels.setdefault(signal, {})[variant or "fkl · none"] = curve
+    return panels
+
+
+def _draw(ax: plt.Axes, curves: dict[str, Curve], xs_all: list[float], references: dict[str, float]) -> None:
+    """One panel: a line with a band per curve (error bars, dodged, where there is a single fraction)."""
+    offsets = {name: (i - (len(curves) - 1) / 2) * 0.02 for i, name in enumerate(curves)}
     for name, (xs, means, lows, highs) in curves.items():
         ok = all(v == v for v in [*lows, *highs])
         if len(xs_all) > 1:
@@ -87,7 +98,29 @@ def plot_data_efficiency(
     ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
     if len(xs_all) == 1:
         ax.set_xlim(xs_all[0] - 0.1, xs_all[0] + 0.1)
-    ax.set_xlabel("labelled fraction of the training split")
     ax.set_ylabel("student test accuracy (95% interval)")
-    ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    _finish(fig, ax, path)
+
+
+def plot_data_efficiency(
+    path: Path,
+    curves: dict[str, Curve],
+    *,
+    references: dict[str, float],
+    title: str,
+) -> None:
+    """Test accuracy against the labelled fraction: per signal (fractions, means, interval lows, interval highs),
+    a line with a band (error bars where there is a single fraction); `references` as horizontal lines. A grid
+    with loss/weighting variants gets one panel per signal (shared y axis), see `_panels`."""
+    panels = _panels(curves)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(9, 4 + 3 * (len(panels) - 1)), dpi=120, sharey=True, squeeze=False
+    )
+    xs_all = sorted({x for xs, *_ in curves.values() for x in xs})
+    for ax, (signal, group) in zip(axes[:, 0], panels.items(), strict=True):
+        _draw(ax, group, xs_all, references)
+        if signal:
+            ax.set_title(signal, fontsize=9)
+        _decorate(ax)
+    axes[-1, 0].set_xlabel("labelled fraction of the training split")
+    fig.suptitle(textwrap.fill(title, 80), fontsize=9)
+    _save(fig, path)
