@@ -32,15 +32,12 @@ from probekd.data import load_task
 from probekd.data.prompts import get_template
 from probekd.models import prepare
 from probekd.teacher.extract import (
-    extract_letter_batch,
-    length_batches,
     letter_token_ids,
     load_teacher,
     naive_letter_extract,
     resolve_layers,
-    shared_prefix,
 )
-from probekd.teacher.pipeline import _option_shard
+from probekd.teacher.pipeline import _letter_shard, _option_shard
 
 
 def matmul_peak(dtype: torch.dtype, budget_s: float = 2.0) -> float:
@@ -105,23 +102,15 @@ def main() -> None:
         prompts = [template.letter_prompt(e, tok) for e in exs]
         n_tok = sum(len(t) for t in tok(prompts)["input_ids"])
         # one untimed call per path first: kernel selection and first-touch costs are not throughput
-        warm = tok(prompts[:1])["input_ids"]
         naive_letter_extract(naive_t, prompts[0], ids[: exs[0].k])
-        extract_letter_batch(ours_t, warm, layers, ids, shared_prefix(ours_t, warm * 2))
+        _letter_shard(ours_t, exs[:1], template, layers, 5, args.batch_size, tqdm(disable=True))
         t0 = time.perf_counter()
         naive = [naive_letter_extract(naive_t, p, ids[: e.k]) for p, e in zip(prompts, exs, strict=True)]
         t_naive = time.perf_counter() - t0
 
-        def run_ours() -> dict[int, torch.Tensor]:
-            tokens = tok(prompts)["input_ids"]  # timed: the naive loop tokenizes inside
-            prefix = shared_prefix(ours_t, tokens)  # as the pipeline does (once per shard of 256)
-            ours: dict[int, torch.Tensor] = {}
-            for idx in length_batches([len(t) for t in tokens], args.batch_size):
-                _, logits = extract_letter_batch(ours_t, [tokens[i] for i in idx], layers, ids, prefix)
-                assert logits is not None
-                for j, i in enumerate(idx):
-                    ours[i] = logits[j, : exs[i].k]
-            return ours
+        def run_ours() -> torch.Tensor:
+            """The pipeline's own loop over a shard: prompts, tokenization, shared prefix, length batches."""
+            return _letter_shard(ours_t, exs, template, layers, 5, args.batch_size, tqdm(disable=True))["scores"]
 
         t0 = time.perf_counter()
         ours = run_ours()
@@ -132,7 +121,7 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 run_ours()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-        same = sum(int(naive[i][1].argmax() == ours[i].argmax()) for i in range(n))
+        same = sum(int(naive[i][1].argmax() == ours[i, : exs[i].k].argmax()) for i in range(n))
     else:
         n_tok = 0
         warm_prefix, warm_conts = template.option_texts(exs[0], tok)  # untimed warm-up of both paths
