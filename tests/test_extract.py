@@ -22,6 +22,7 @@ from probekd.data.examples import MCQExample
 from probekd.data.prompts import PRESETS, PromptTemplate
 from probekd.errors import ConfigError, ProbekdError
 from probekd.teacher import cache as tcache
+from probekd.teacher import extract as extract_module
 from probekd.teacher.extract import (
     extract_letter_batch,
     extract_option_batch,
@@ -89,7 +90,7 @@ def test_batched_letter_gather_equals_unbatched(teacher, side: str) -> None:
     teacher.tokenizer.padding_side = "right"
 
 
-def test_option_batch_equals_full_sequences(teacher) -> None:
+def test_option_batch_equals_full_sequences(teacher, monkeypatch: pytest.MonkeyPatch) -> None:
     """Questions of different prefix lengths and option counts, options of different token lengths, batched, with
     and without the shared prefix from its cache: every option's states, mean and log-likelihood equal running
     prefix + option alone through the model."""
@@ -120,6 +121,11 @@ def test_option_batch_equals_full_sequences(teacher) -> None:
                 logp = torch.log_softmax(out.logits[0].float(), -1)
                 ll = sum(logp[len(pre) - 1 + t, cid[t]].item() for t in range(len(cid))) / len(cid)
                 assert scores[j].item() == pytest.approx(ll, abs=1e-4)
+    # the output layer in chunks of 3 rows gives the same log-likelihoods as in one product
+    monkeypatch.setattr(extract_module, "_LOGIT_ROWS", 3)
+    chunked = extract_option_batch(teacher, [p for p, _ in tokens], [c for _, c in tokens], layers)
+    for (_, _, a), (_, _, b) in zip(plain, chunked, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="start with it"):
         extract_option_batch(teacher, [tokens[0][0][1:]], [tokens[0][1]], layers, shared)
     with pytest.raises(ConfigError, match="no tokens"):

@@ -27,6 +27,9 @@ from probekd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+_LOGIT_ROWS = 256  # option-token rows per output-layer product (256 x 151k fp32 = 155 MB)
+
+
 class _StopForward(Exception):
     """Raised by a hook after the deepest layer needed, to skip the rest of the network."""
 
@@ -376,9 +379,16 @@ def extract_option_batch(
     # the state predicting token j of an option: the prefix's last state for j=0, the option's state j-1 after
     states = torch.cat([pre_last[q][:, None], tap.norm_out[:, : t - 1].float()], dim=1)  # [N, T, H]
     real = cont_mask.bool()
-    logp = torch.log_softmax(_softcap(teacher, states[real] @ _output_rows(teacher).T), dim=-1)
+    rows, targets, w = states[real], cont_ids[real], _output_rows(teacher)
     tok_logp = torch.zeros(cont_ids.shape, device=dev)
-    tok_logp[real] = logp.gather(-1, cont_ids[real][:, None])[:, 0]
+    tok_logp[real] = torch.cat(  # in chunks: rows x vocabulary logits would be GBs for long options and vocabularies
+        [
+            torch.log_softmax(_softcap(teacher, rows[i : i + _LOGIT_ROWS] @ w.T), dim=-1).gather(
+                -1, targets[i : i + _LOGIT_ROWS, None]
+            )[:, 0]
+            for i in range(0, len(rows), _LOGIT_ROWS)
+        ]
+    )
     scores = tok_logp.sum(1) / lengths
     return list(zip(last.cpu().split(k), mean.cpu().split(k), scores.cpu().split(k), strict=True))
 
