@@ -300,6 +300,23 @@ def test_loss_and_weighting_axes(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_
     text = write_report(run).read_text()
     assert "## Losses and weightings against forward KL, unweighted" in text
     assert "| 1 | Probe-KD · fkl>rkl · paced |" in text
+    # the weights table: the range over seeds of each weighted variant's mean pass rate, ESS share, zero share
+    rates = sorted(results[f"probe-f1-s{s}-fkl-paced"]["weights"][0]["mean_pass_rate"] for s in (0, 1))
+    ess = sorted(results[f"probe-f1-s{s}-fkl-paced"]["weights"][0]["ess_share"] for s in (0, 1))
+    zero = sorted(results[f"probe-f1-s{s}-fkl-paced"]["weights"][0]["zero_share"] for s in (0, 1))
+    assert "## Weights of the weighted students (range over seeds)" in text
+
+    def span(v: list[float]) -> str:
+        return f"{v[0]:.3f}" if round(v[0], 3) == round(v[1], 3) else f"{v[0]:.3f}-{v[1]:.3f}"
+
+    assert f"| 1 | Probe-KD · fkl · paced | {span(rates)} | {span(ess)} | {span(zero)} | 2 |" in text
+    assert "| 1 | Probe-KD · fkl>rkl · none |" not in text.split("## Weights")[1]  # unweighted: not in that table
+    table = csv.DictReader((run / "report" / "results.csv").read_text().splitlines())
+    csv_rows = {(r["loss"], r["weighting"], r["seed"]): r for r in table}
+    assert float(csv_rows[("fkl", "paced", "0")]["ess_share"]) == pytest.approx(
+        results["probe-f1-s0-fkl-paced"]["weights"][0]["ess_share"]
+    )
+    assert csv_rows[("fkl", "none", "0")]["mean_pass_rate"] == ""
     train = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert not any(kept_before_variant(c, train) for c in results.values())  # every variant acted within its epoch
 

@@ -94,3 +94,54 @@ def test_paced_weights_reach_the_trainer(tiny_bert_dir: Path, tmp_path: Path) ->
     w = np.array([r["weights"] for r in rows.rows])
     assert w.mean() == pytest.approx(1.0) and w.std() > 0
     assert 0 < stats[-1]["ess_share"] <= 1 and stats[-1]["n"] == 24
+
+
+class _Killed(Exception):
+    """Stands for the process being killed mid-training."""
+
+
+def test_resumed_weighted_student_keeps_its_weights(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PACED student killed after its first checkpoint and rerun resumes with the weights and statistics it had
+    (from the warm-up model at step 1), not weights recomputed from the model it resumes with, and ends as an
+    uninterrupted student does."""
+    from transformers import TrainerCallback
+
+    import probekd.student.train as train_mod
+    from test_student import mammal_task, rows_for
+
+    weighting = WeightingConfig(scheme="paced", warmup_epochs=1 / 3)  # weights once, after step 1 of 3 per epoch
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, weighting=weighting)
+
+    def run(out: Path) -> tuple[list[float], list[dict], list[float]]:
+        student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+        rows = rows_for(student, mammal_task(24), 4)
+        history = train_student(student.module, student.collate, rows, rows, cfg, out, 0)
+        params = [float(p.detach().sum()) for p in student.module.parameters()]
+        return [r["weights"] for r in rows.rows], [h["weighting"] for h in history if "weighting" in h], params
+
+    w_full, stats_full, params_full = run(tmp_path / "full")
+    assert [s["step"] for s in stats_full] == [1]
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args: object, state: object, control: object, **kw: object) -> None:
+            if state.global_step == 4:  # type: ignore[attr-defined]  # after the checkpoint of epoch 1 (step 3)
+                raise _Killed
+
+    original = train_mod.make_trainer
+
+    def killing(*args: object, **kwargs: object) -> object:
+        trainer = original(*args, **kwargs)
+        trainer.add_callback(Kill())
+        return trainer
+
+    monkeypatch.setattr(train_mod, "make_trainer", killing)
+    with pytest.raises(_Killed):
+        run(tmp_path / "killed")
+    monkeypatch.undo()
+    assert (tmp_path / "killed" / "checkpoint-3" / train_mod.WEIGHTS_FILE).is_file()
+    w_resumed, stats_resumed, params_resumed = run(tmp_path / "killed")
+    assert stats_resumed == stats_full  # computed once, at step 1, before the kill
+    np.testing.assert_allclose(w_resumed, w_full, rtol=0, atol=0)
+    np.testing.assert_allclose(params_resumed, params_full, rtol=1e-5, atol=1e-5)

@@ -35,8 +35,9 @@ LABELS = {
 CELL_COLUMNS = [
     "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy",
     "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy",
-    "test_entropy", "seconds",
+    "test_entropy", "mean_pass_rate", "ess_share", "zero_share", "seconds",
 ]  # fmt: skip
+WEIGHT_STATS = ("mean_pass_rate", "ess_share", "zero_share")  # of a weighted student: mean over its weight passes
 NEAR_UNIFORM = 0.99  # a student whose test predictions' normalized entropy is above this is flagged in the report
 
 
@@ -63,6 +64,8 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
         loss, weighting = c.setdefault("loss", "fkl"), c.setdefault("weighting", "none")
         default = (loss, weighting) == ("fkl", "none")
         c["variant"] = c["signal"] if default else f"{c['signal']} · {loss} · {weighting}"
+        for key in WEIGHT_STATS if c.get("weights") else ():
+            c[key] = float(np.mean([w[key] for w in c["weights"]]))
         cells.append(c)
     return cells
 
@@ -152,6 +155,37 @@ def near_uniform_note(cells: list[dict[str, Any]]) -> list[str]:
         "chance too): their accuracy rests on small differences between nearly equal scores.",
         "",
     ]
+
+
+def weights_table(cells: list[dict[str, Any]], chance: float | None) -> list[str]:
+    """Report lines: per fraction and weighted variant, the range over seeds of the students' mean pass rate,
+    effective sample size and zero-weight share (none: no lines). Pass rates near chance mean the student was still
+    near-uniform when weighted, so the weights vary little beyond the sampling noise of the pass rates."""
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for c in cells:
+        if "mean_pass_rate" in c:
+            groups.setdefault((c["fraction"], c["variant"]), []).append(c)
+    if not groups:
+        return []
+
+    def span(cs: list[dict[str, Any]], key: str) -> str:
+        lo, hi = min(c[key] for c in cs), max(c[key] for c in cs)
+        return f"{lo:.3f}" if round(lo, 3) == round(hi, 3) else f"{lo:.3f}-{hi:.3f}"
+
+    lines = [
+        "## Weights of the weighted students (range over seeds)",
+        "",
+        "Each student's mean over its weight computations: pass rate on the training rows, effective sample size "
+        "(share of the rows) and share of rows at weight zero."
+        + (f" A pass rate near chance ({chance:.3f}) means a near-uniform student." if chance is not None else ""),
+        "",
+        "| fraction | variant | mean pass rate | effective sample size | zero weight | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (f, v), cs in sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        stats = " | ".join(span(cs, key) for key in WEIGHT_STATS)
+        lines.append(f"| {f:g} | {label(v)} | {stats} | {len(cs)} |")
+    return [*lines, ""]
 
 
 def _correct(run: Path, cell: dict[str, Any], answers: np.ndarray) -> np.ndarray | None:
@@ -377,6 +411,7 @@ def write_report(run: Path) -> Path:
         "Losses and weightings against forward KL, unweighted (same signal, paired by seed)", "variant", "variant",
         [(r, r["a"]) for r in variants],
     )  # fmt: skip
+    lines += weights_table(cells, chance)
     lines += [
         "Agreement, ECE and per-cell numbers: `results.csv`; means per setting: `summary.csv`.",
         "",

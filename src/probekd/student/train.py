@@ -13,6 +13,7 @@ the loss's scale. Weights are 1 unless a weighting scheme (PACED) gives them.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -27,6 +28,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from probekd import losses
+from probekd.atomic import write_json
+from probekd.errors import ProbekdError
 from probekd.losses.common import masked_log_softmax
 from probekd.weighting import WeightingConfig, weight_stats, weights_for
 
@@ -250,13 +253,21 @@ def untied_missing_keys(module: nn.Module, missing: list[str]) -> list[str]:
     return [k for k in missing if k not in loaded_through_twin]
 
 
+WEIGHTS_FILE = "probekd_weights.json"  # in a checkpoint of a weighted student: its rows' weights and their stats
+
+
 def _make_pass_rate_callback(
     rows: Rows, collate: Any, cfg: WeightingConfig, steps_per_epoch: int, batch_size: int, seed: int
 ) -> Any:
     """A `TrainerCallback` that (re)computes the rows' weights from the student's pass rates: at the start (or
     after `warmup_epochs` of unweighted steps), then every `refresh_epochs`; the weights are written into the
-    rows, which the data loader reads at each batch. Each computation's statistics are kept in `.stats`."""
+    rows, which the data loader reads at each batch. Each computation's statistics are kept in `.stats`.
+
+    The weights in force and the statistics so far are saved in every checkpoint (`WEIGHTS_FILE`) and restored
+    from the one training resumes from (`.resume_from`), so that a resumed student is weighted as an uninterrupted
+    one, not by pass rates of the later model it resumes with."""
     from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     refresh = max(1, round(cfg.refresh_epochs * steps_per_epoch)) if cfg.refresh_epochs > 0 else 0
@@ -265,6 +276,7 @@ def _make_pass_rate_callback(
     class PassRateWeights(TrainerCallback):
         def __init__(self) -> None:
             self.stats: list[dict[str, Any]] = []
+            self.resume_from: str | None = None
 
         def _update(self, model: nn.Module, step: int) -> None:
             was_training = model.training
@@ -281,8 +293,27 @@ def _make_pass_rate_callback(
             )  # fmt: skip
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
-            if state.global_step >= warmup:  # from the start, or resumed past the warm-up
+            saved = Path(self.resume_from) / WEIGHTS_FILE if self.resume_from else None
+            if saved is not None and saved.is_file():  # resumed: the weights in force when the checkpoint was saved
+                kept = json.loads(saved.read_text())
+                if len(kept["weights"]) != len(rows.rows):
+                    raise ProbekdError(f"{saved} holds {len(kept['weights'])} weights for {len(rows.rows)} rows")
+                for row, wi in zip(rows.rows, kept["weights"], strict=True):
+                    row["weights"] = float(wi)
+                self.stats = kept["stats"]
+                log.info("%s weights restored from %s (computed at steps %s)", cfg.scheme, saved,
+                         [st["step"] for st in self.stats])  # fmt: skip
+            elif state.global_step >= warmup:  # from the start (no warm-up), or a checkpoint without weights
+                if state.global_step > 0:
+                    log.warning("%s: no saved weights in %s; recomputed from the resumed model", cfg.scheme,
+                                self.resume_from)  # fmt: skip
                 self._update(model, state.global_step)
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if folder.is_dir():
+                data = {"weights": [row["weights"] for row in rows.rows], "stats": self.stats}
+                write_json(folder / WEIGHTS_FILE, data)
 
         def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module = None, **kw: Any) -> None:
             since = state.global_step - warmup
@@ -380,6 +411,8 @@ def train_student(
         )
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    if weigher is not None:
+        weigher.resume_from = last
     if last:
         log.info("resuming student training from %s", last)
     trainer.train(resume_from_checkpoint=last)
