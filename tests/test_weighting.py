@@ -3,6 +3,7 @@ the weights reaching the trainer."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,14 @@ def test_resumed_weighted_student_keeps_its_weights(
         run(tmp_path / "killed")
     monkeypatch.undo()
     assert (tmp_path / "killed" / "checkpoint-3" / train_mod.WEIGHTS_FILE).is_file()
+    shutil.copytree(tmp_path / "killed", tmp_path / "old")
     w_resumed, stats_resumed, params_resumed = run(tmp_path / "killed")
     assert stats_resumed == stats_full  # computed once, at step 1, before the kill
     np.testing.assert_allclose(w_resumed, w_full, rtol=0, atol=0)
     np.testing.assert_allclose(params_resumed, params_full, rtol=1e-5, atol=1e-5)
+    # a checkpoint past the warm-up without saved weights (made before they were saved) is not resumed: the student
+    # starts again rather than be weighted by the later model, and ends as the uninterrupted one
+    (tmp_path / "old" / "checkpoint-3" / train_mod.WEIGHTS_FILE).unlink()
+    w_old, stats_old, params_old = run(tmp_path / "old")
+    assert stats_old == stats_full and w_old == w_full
+    np.testing.assert_allclose(params_old, params_full, rtol=1e-5, atol=1e-5)

@@ -265,7 +265,8 @@ def _make_pass_rate_callback(
 
     The weights in force and the statistics so far are saved in every checkpoint (`WEIGHTS_FILE`) and restored
     from the one training resumes from (`.resume_from`), so that a resumed student is weighted as an uninterrupted
-    one, not by pass rates of the later model it resumes with."""
+    one, not by pass rates of the later model it resumes with (`train_student` restarts a weighted student whose
+    checkpoint is past the warm-up but has no saved weights)."""
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -303,11 +304,8 @@ def _make_pass_rate_callback(
                 self.stats = kept["stats"]
                 log.info("%s weights restored from %s (computed at steps %s)", cfg.scheme, saved,
                          [st["step"] for st in self.stats])  # fmt: skip
-            elif state.global_step >= warmup:  # from the start (no warm-up), or a checkpoint without weights
-                if state.global_step > 0:
-                    log.warning("%s: no saved weights in %s; recomputed from the resumed model", cfg.scheme,
-                                self.resume_from)  # fmt: skip
-                self._update(model, state.global_step)
+            elif state.global_step >= warmup:  # from the start, without a warm-up (`train_student` never resumes
+                self._update(model, state.global_step)  # past the warm-up without saved weights)
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -412,6 +410,13 @@ def train_student(
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if weigher is not None:
+        warmup = round(cfg.weighting.warmup_epochs * _steps_per_epoch(train_rows, cfg))
+        if last and int(last.rsplit("-", 1)[1]) >= warmup and not (Path(last) / WEIGHTS_FILE).is_file():
+            # weights computed before this checkpoint but not saved in it (made before they were): they cannot be
+            # recomputed from the later model, so this student starts again
+            log.warning("%s has no %s; training this weighted student from the start", last, WEIGHTS_FILE)
+            shutil.rmtree(out_dir)
+            last = None
         weigher.resume_from = last
     if last:
         log.info("resuming student training from %s", last)
