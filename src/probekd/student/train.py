@@ -278,6 +278,7 @@ def _make_pass_rate_callback(
         def __init__(self) -> None:
             self.stats: list[dict[str, Any]] = []
             self.resume_from: str | None = None
+            self.warmup = warmup  # optimizer steps before the first weights
 
         def _update(self, model: nn.Module, step: int) -> None:
             was_training = model.training
@@ -410,8 +411,7 @@ def train_student(
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
     if weigher is not None:
-        warmup = round(cfg.weighting.warmup_epochs * _steps_per_epoch(train_rows, cfg))
-        if last and int(last.rsplit("-", 1)[1]) >= warmup and not (Path(last) / WEIGHTS_FILE).is_file():
+        if last and int(last.rsplit("-", 1)[1]) >= weigher.warmup and not (Path(last) / WEIGHTS_FILE).is_file():
             # weights computed before this checkpoint but not saved in it (made before they were): they cannot be
             # recomputed from the later model, so this student starts again
             log.warning("%s has no %s; training this weighted student from the start", last, WEIGHTS_FILE)
