@@ -176,6 +176,27 @@ class SharedPrefix:
     ids: list[int]
     cache: Any  # transformers DynamicCache of the prefix, batch 1
 
+    def rests(self, seqs: list[list[int]] | list[str]) -> list[list[int]]:
+        """What follows the prefix in each token-id sequence; a ValueError unless every one starts with the prefix
+        and goes on after it."""
+        p = len(self.ids)
+        if any(isinstance(t, str) or list(t[:p]) != self.ids or len(t) == p for t in seqs):
+            raise ValueError("with a shared prefix, every sequence must be token ids that start with it and go on")
+        return [list(t[p:]) for t in seqs]  # type: ignore[misc]
+
+    def cache_for(self, n: int) -> Any:
+        """A copy of the prefix's cache, repeated for a batch of `n` (the original stays batch 1 for the next)."""
+        import copy
+
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(n)
+        return cache
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """An attention mask [N, T] of what follows the prefix, with the prefix's columns (all real) in front."""
+        ones = torch.ones(mask.shape[0], len(self.ids), dtype=mask.dtype, device=mask.device)
+        return torch.cat([ones, mask], dim=1)
+
 
 @torch.inference_mode()
 def shared_prefix(teacher: Teacher, tokens: list[list[int]], min_len: int = 8) -> SharedPrefix | None:
@@ -244,25 +265,17 @@ def extract_letter_batch(
     only the rest runs. With `letter_ids=None` no logits are computed and the forward pass stops after the
     deepest requested layer.
     """
-    import copy
-
     tok = teacher.tokenizer
     dev = teacher.device
     kwargs: dict[str, Any] = {}
     if prefix is not None:
-        p = len(prefix.ids)
-        if isinstance(prompts[0], str) or any(list(t[:p]) != prefix.ids for t in prompts):  # type: ignore[index]
-            raise ValueError("with a shared prefix, prompts must be token ids that start with it")
-        rest = [list(t[p:]) for t in prompts]  # type: ignore[index]
+        rest = prefix.rests(prompts)
         ids, mask = _right_padded(rest, tok.pad_token_id, dev)
         last = mask.sum(1) - 1
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(rest))
-        full_mask = torch.cat([torch.ones(len(rest), p, dtype=mask.dtype, device=dev), mask], dim=1)
         kwargs = {
-            "attention_mask": full_mask,
-            "position_ids": (p + torch.arange(ids.shape[1], device=dev)).expand(*ids.shape),
-            "past_key_values": cache,
+            "attention_mask": prefix.mask(mask),
+            "position_ids": (len(prefix.ids) + torch.arange(ids.shape[1], device=dev)).expand(*ids.shape),
+            "past_key_values": prefix.cache_for(len(rest)),
             "use_cache": True,
         }
     else:
@@ -321,29 +334,21 @@ def extract_option_batch(
     question's cache. Padding is masked and positions are explicit, so each row sees exactly its own prefix and
     option, as if run alone. The output layer runs only at the rows that predict an option token.
     """
-    import copy
-
     from transformers import DynamicCache
 
     dev = teacher.device
     pad = teacher.tokenizer.pad_token_id if teacher.tokenizer.pad_token_id is not None else 0
-    p0 = len(shared.ids) if shared is not None else 0
-    rests = [list(p[p0:]) for p in prefixes]
-    if shared is not None and any(list(p[:p0]) != shared.ids or len(p) == p0 for p in prefixes):
-        raise ValueError("with a shared prefix, every prefix must start with it and go on after it")
+    rests = shared.rests(prefixes) if shared is not None else prefixes
     if any(len(c) == 0 for cs in continuations for c in cs) or any(len(cs) == 0 for cs in continuations):
         raise ValueError("every question needs options, and every option at least one token")
     b = len(rests)
+    p0 = len(shared.ids) if shared is not None else 0
     rest_ids, rest_mask = _right_padded(rests, pad, dev)
     rest_len = rest_mask.sum(1)
-    if shared is not None:
-        cache = copy.deepcopy(shared.cache)
-        cache.batch_repeat_interleave(b)
-    else:
-        cache = DynamicCache()
+    cache = shared.cache_for(b) if shared is not None else DynamicCache()
 
     def with_shared(mask: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.ones(mask.shape[0], p0, dtype=mask.dtype, device=dev), mask], dim=1)
+        return shared.mask(mask) if shared is not None else mask
 
     r = rest_ids.shape[1]
     out = teacher.decoder(
