@@ -12,13 +12,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models demo test test-real lint format bench clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml holds the version ranges; constraints.txt the exact tested versions, used here (and so by CI).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev,all]'
 	touch $@
 
-setup: $(STAMP)  ## create .venv and install probekd with its pinned dependencies
+setup: $(STAMP)  ## create .venv and install probekd with all extras, at the versions pinned in constraints.txt
 
 $(MODELS_STAMP): $(STAMP) src/probekd/models/zoo.py
 	$(BIN)/probekd models install $(DEMO_MODELS)

@@ -23,7 +23,7 @@ import torch
 from probekd.allocator import reuse_freed_memory
 from probekd.data import load_task
 from probekd.data.examples import answers_array, option_mask
-from probekd.student.heads import StudentConfig, load_student
+from probekd.student.heads import StudentConfig, build_student
 from probekd.student.train import Rows, predict
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     exs = load_task("arc_easy").splits["dev"][: 200 if args.quick else None]
     k = max(e.k for e in exs)
-    student = load_student(StudentConfig(model=args.model, kind="encoder", max_length=args.max_length), k)
+    student = build_student(StudentConfig(model=args.model, kind="encoder", max_length=args.max_length), k)
     rows = Rows([student.encode(e) for e in exs], option_mask(exs, k), answers_array(exs))
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -47,12 +47,12 @@ def main() -> None:
 
     @torch.inference_mode()
     def file_order() -> np.ndarray:
-        student.module.eval()
+        student.model.eval()
         out = []
         for s in range(0, len(rows), args.batch_size):
             batch = student.collate([rows[i] for i in range(s, min(s + args.batch_size, len(rows)))])
             inputs = {key: v for key, v in batch.items() if key not in ("targets", "weights", "labels")}
-            out.append(torch.softmax(student.module(**inputs).float(), -1))
+            out.append(torch.softmax(student.logits(inputs).float(), -1))
         return torch.cat(out).numpy()
 
     def slots(order: list[int]) -> int:
@@ -70,7 +70,7 @@ def main() -> None:
         naive = file_order()
         t_naive.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ours = predict(student.module, student.collate, rows, args.batch_size)
+        ours = predict(student, rows, args.batch_size)
         t_ours.append(time.perf_counter() - t0)
     real = sum(len(x) for r in rows.rows for x in r["input_ids"][: int(r["option_mask"].sum())])
     print(f"token slots: file order {slots(list(range(len(rows))))}, ours {slots(rows.longest_first())}, real {real}")

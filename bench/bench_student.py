@@ -32,13 +32,13 @@ import torch
 
 from probekd.data import load_task
 from probekd.data.examples import answers_array, option_mask
-from probekd.student.heads import Student, StudentConfig, load_student
+from probekd.student.heads import Student, StudentConfig, build_student
 from probekd.student.train import Rows
 
 
 def whole_sequences(student: Student, batch: dict[str, torch.Tensor], full_logits: bool) -> torch.Tensor:
     """Option scores [B, Kb] from each (prefix + option) sequence run whole (right padding)."""
-    model = student.module.model
+    model = student.model
     pre, pre_mask = batch["input_ids"], batch["attention_mask"]
     opt, opt_mask = batch["option_ids"], batch["option_attention"]
     b, kb, _ = opt.shape
@@ -71,7 +71,7 @@ def whole_sequences(student: Student, batch: dict[str, torch.Tensor], full_logit
 
 def ours(student: Student, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")}
-    return student.module(**inputs)[:, : batch["option_ids"].shape[1]]
+    return student.logits(inputs)[:, : batch["option_ids"].shape[1]]
 
 
 def step(fn: Callable[[], torch.Tensor], labels: torch.Tensor) -> tuple[float, int, torch.Tensor]:
@@ -108,8 +108,8 @@ def main() -> None:
     )
     exs = load_task("arc_easy").splits["train"][: (n_batches + 1) * args.batch_size]  # one extra batch: warm-up
     k = max(e.k for e in exs)
-    student = load_student(cfg, k=k, seed=0)
-    student.module.train()
+    student = build_student(cfg, k=k, seed=0)
+    student.model.train()
     rows = Rows([student.encode(e) for e in exs], option_mask(exs, k), answers_array(exs))
     batches = [
         student.collate([rows[i] for i in range(s, min(s + args.batch_size, len(rows)))])
@@ -127,7 +127,7 @@ def main() -> None:
     for i, batch in enumerate(batches):
         scores = {}
         for name, fn in paths.items():
-            student.module.zero_grad(set_to_none=True)
+            student.model.zero_grad(set_to_none=True)
             sec, nbytes, scores[name] = step(lambda fn=fn, batch=batch: fn(batch), batch["labels"])
             if i:  # batch 0 warms up every path
                 times[name].append(sec)

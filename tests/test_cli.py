@@ -107,9 +107,10 @@ def tiny_demo_args(teacher: Path, student: Path) -> list[str]:
 
 
 def terminal_table(lines: list[str]) -> list[str]:
-    """The short table a run prints last: from its `signal f=...` header to the report path."""
+    """The short table a run prints at its end: from its `signal f=...` header to the `report:` line."""
     head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["signal"])
-    return lines[head:]
+    end = next(i for i, line in enumerate(lines) if line.startswith("report: "))
+    return lines[head : end + 1]
 
 
 def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -118,10 +119,23 @@ def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path
     args = ["demo", "--out", str(out_dir), *tiny_demo_args(tiny_llama_dir, tiny_bert_dir)]
     out = run(*args).stdout
     lines = out.strip().splitlines()
-    assert lines[-1] == str(out_dir / "report" / "report.md")
     table = terminal_table(lines)
+    assert table[-1] == f"report: {out_dir / 'report' / 'report.md'}"
     assert table[0].split() == ["signal", "f=1"]
     assert [x.split()[0] for x in table[1:-1]] == ["hard", "logit-KD", "Probe-KD"]  # the demo's signals
+    # it ends with the kept student of the best dev accuracy and a `predict` command that works as printed
+    kept, ask = lines[-2:]
+    folder = Path(kept.split(": ", 1)[1])
+    cells = {
+        c: json.loads((out_dir / "students" / c / "metrics.json").read_text())
+        for c in ("hard-f1-s0", "teacher-f1-s0", "probe-f1-s0")
+    }
+    best = max(cells.values(), key=lambda m: (m["best_dev_accuracy"], m["fraction"], -m["seed"]))
+    assert kept.startswith("kept student (best dev accuracy): ") and folder.parent.name == best["cell"]
+    assert ask.startswith("ask it: probekd predict ")
+    answered = run(*ask.split()[3:])
+    assert f"accuracy {best['accuracy']:.3f} [95% CI {best['accuracy_ci'][0]:.3f}, " in answered.stderr
+    assert len(answered.stdout.splitlines()) == 12
     assert "probe at layer" in out
     s = json.loads((out_dir / "probes" / "summary.json").read_text())
     assert s["formulation"] == "option" and s["kind"] == "conditional" and s["layers"] == [0, 1, 2]
@@ -134,7 +148,7 @@ def test_demo_code_path_on_tiny_models(tiny_llama_dir: Path, tiny_bert_dir: Path
     # a second run reuses the caches, the probes and the students; `report` rewrites the report alone
     again = run(*args).stdout
     assert terminal_table(again.splitlines()) == table
-    assert run("report", str(out_dir)).stdout.splitlines()[-1] == lines[-1]
+    assert run("report", str(out_dir)).stdout.splitlines()[-1] == str(out_dir / "report" / "report.md")
     # another configuration in the same folder is refused, naming the field
     bad = run(*args, "--set", "train.alpha=0.9", check=False)
     assert bad.returncode == 2 and "train.alpha" in bad.stderr
@@ -154,14 +168,14 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = run("run", str(path), "--out", str(tmp_path / "mine")).stdout
-    assert out.strip().splitlines()[-1] == str(tmp_path / "mine" / "report" / "report.md")
+    assert f"report: {tmp_path / 'mine' / 'report' / 'report.md'}" in out.splitlines()
     # another run that makes the same cells (switch_at is read only by two-stage losses) takes them all over
     same = tmp_path / "same"
     reused = run(
         "run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--set", "train.switch_at=0.3"
     )
     assert "reused from " + str(tmp_path / "mine") + ": 5 targets files, 2 finished students" in reused.stdout
-    assert not (same / "teacher").exists() and reused.stdout.strip().endswith(str(same / "report" / "report.md"))
+    assert not (same / "teacher").exists() and f"report: {same / 'report' / 'report.md'}" in reused.stdout.splitlines()
     both = run("run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--overwrite", check=False)
     assert both.returncode == 2 and "--reuse with --overwrite" in both.stderr
     bad = run("run", str(path), "--set", "grid.mode=sideways", check=False)

@@ -17,7 +17,7 @@ from probekd.cli import app
 from probekd.config import load_config
 from probekd.data import load_task
 from probekd.errors import ConfigError, ProbekdError
-from probekd.experiment import _test_part_done, check_run_dir, grid_cells, run_experiment
+from probekd.experiment import _test_part_done, check_run_dir, run_experiment
 from probekd.report.report import kept_before_variant, plot_interval, terminal_table, unfinished, write_report
 from probekd.reuse import reuse_run
 from probekd.targets import SoftTargets
@@ -394,17 +394,17 @@ def test_grid_exclude_leaves_cells_out_and_the_record_keeps_only_safe_entries(tm
     axes += ["grid.losses=[fkl, akl]", "grid.weightings=[none, paced, hard_filter]"]
     akl_unweighted = ["grid.exclude=[{loss: akl, weighting: paced}, {loss: akl, weighting: hard_filter}]"]
     cfg = load_config(None, axes + akl_unweighted)
-    cells = {(f, loss, w) for _, f, _, loss, w in grid_cells(cfg)}
+    cells = {(c.fraction, c.loss, c.weighting) for c in cfg.cells()}
     fkl = {(f, "fkl", w) for f in (0.1, 1.0) for w in ("none", "paced", "hard_filter")}
     assert cells == fkl | {(0.1, "akl", "none"), (1.0, "akl", "none")}
     by_fraction = load_config(None, [*axes, "grid.exclude=[{fraction: 1.0, loss: akl}]"])
-    assert len(grid_cells(by_fraction)) == 6 + 3 and all(c[1] == 0.1 for c in grid_cells(by_fraction) if c[3] == "akl")
+    assert len(by_fraction.cells()) == 6 + 3 and all(c.fraction == 0.1 for c in by_fraction.cells() if c.loss == "akl")
 
     run = tmp_path / "run"
     check_run_dir(run, cfg)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["grid"]["exclude"]
     assert recorded == [{"loss": "akl", "weighting": "paced"}, {"loss": "akl", "weighting": "hard_filter"}]
-    assert grid_cells(load_config(run / "config.yaml")) == grid_cells(cfg)  # the record reads back as written
+    assert load_config(run / "config.yaml").cells() == cfg.cells()  # the record reads back as written
     # a second invocation that trains AKL with PACED: that entry no longer holds; the hard-filter one still does
     check_run_dir(run, load_config(None, [*axes[:3], "grid.losses=[akl]", "grid.weightings=[paced]"]))
     recorded = yaml.safe_load((run / "config.yaml").read_text())["grid"]["exclude"]

@@ -149,6 +149,7 @@ def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
 
 
 def test_hf_datasets_source_with_local_files(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")  # the optional `hf` extra
     rows = [
         {
             "id": f"h{i}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.image as mpimg
+import pytest
 
 from probekd.report.plots import _panels, plot_data_efficiency
 
@@ -32,6 +32,7 @@ def test_variants_get_one_panel_per_signal() -> None:
 
 
 def test_panels_make_a_taller_png(tmp_path: Path) -> None:
+    mpimg = pytest.importorskip("matplotlib.image")  # the optional `plots` extra
     refs = {"chance, test": 0.25}
     one, two = tmp_path / "one.png", tmp_path / "two.png"
     plot_data_efficiency(one, {"hard labels": CURVE, "Probe-KD": CURVE}, references=refs, title="t")

@@ -376,3 +376,31 @@ def test_feature_auto_on_letter_caches_is_the_single_state(tiny_run: Path, tmp_p
     (tmp_path / "teacher").symlink_to(tiny_run / "teacher")
     s = run_probes(tmp_path, ProbeConfig(feature="auto", n_folds=3, l2_grid=[1e-2]))
     assert s["features"] == ["last"] and len(s["table"]) == len(s["layers"]) == 3
+
+
+def test_probe_stage_computes_then_saves(tiny_run: Path, tmp_path: Path) -> None:
+    """`compute_probes` returns the probe stage's results without writing anything; `save_probes` writes exactly
+    those (`run_probes` is the two); a rerun finds them up to date."""
+    import json
+
+    from probekd.probes.pipeline import ProbeConfig, ProbeResults, compute_probes, run_probes, save_probes
+
+    (tmp_path / "teacher").symlink_to(tiny_run / "teacher")
+    cfg = ProbeConfig(n_folds=3, l2_grid=[1e-2, 1e-1])
+    res = compute_probes(tmp_path, cfg)
+    assert isinstance(res, ProbeResults) and not (tmp_path / "probes").exists()
+    assert res.layers == [0, 1, 2] and res.features == ("last",) and res.kind == "multinomial"
+    assert (res.chosen_feature, res.chosen_layer) == (res.table[res.best]["feature"], res.table[res.best]["layer"])
+    assert res.table[res.best]["dev_accuracy"] == max(r["dev_accuracy"] for r in res.table)
+    summary = save_probes(tmp_path, res)
+    assert summary == res.summary() and json.loads((tmp_path / "probes" / "summary.json").read_text()) == summary
+    assert summary["chosen_layer"] == res.chosen_layer and summary["temperature"] == res.temperature
+    assert (tmp_path / "probes" / "layers.csv").read_text().splitlines()[0] == ",".join(res.table[0])
+    for split, p in res.splits.items():
+        with np.load(tmp_path / "probes" / f"{split}.npz") as z:
+            for key in ("probs", "layer_logits", "mask", "answers", "folds"):
+                np.testing.assert_array_equal(z[key], getattr(p, key))
+            assert z["ids"].tolist() == p.ids
+        assert summary["probe_accuracy"][split] == pytest.approx(float((p.probs.argmax(1) == p.answers).mean()))
+    mtime = (tmp_path / "probes" / "summary.json").stat().st_mtime_ns
+    assert run_probes(tmp_path, cfg) == summary and (tmp_path / "probes" / "summary.json").stat().st_mtime_ns == mtime

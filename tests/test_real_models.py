@@ -133,11 +133,12 @@ def test_smollm2_lora_student_trains_and_keeps_its_best_epoch(tmp_path: Path, sm
     import numpy as np
 
     from probekd.data.examples import answers_array, option_mask
-    from probekd.student.heads import StudentConfig, load_student
-    from probekd.student.train import Rows, TrainConfig, predict, train_student
+    from probekd.student.heads import StudentConfig, build_student
+    from probekd.student.train import Rows, predict, train_student
+    from probekd.student.train_config import TrainConfig
 
     cfg = StudentConfig(model=NAME, kind="causal", formulation="option", lora=True, max_length=96)
-    student = load_student(cfg, k=5, seed=0)
+    student = build_student(cfg, k=5, seed=0)
     splits = load_task("arc_easy").splits
     train, dev = splits["train"][:8], splits["dev"][:6]
 
@@ -145,12 +146,10 @@ def test_smollm2_lora_student_trains_and_keeps_its_best_epoch(tmp_path: Path, sm
         y = answers_array(exs)
         return Rows([student.encode(e) for e in exs], option_mask(exs, 5), y, np.eye(5, dtype=np.float32)[y])
 
-    history = train_student(
-        student.module, student.collate, rows(train), rows(dev), TrainConfig(epochs=2, batch_size=4), tmp_path / "ck", 0
-    )
-    base = student.module.model.get_base_model()
+    history = train_student(student, rows(train), rows(dev), TrainConfig(epochs=2, batch_size=4), tmp_path / "ck", 0)
+    base = student.model.get_base_model()
     assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
     by_epoch = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-    probs = predict(student.module, student.collate, rows(dev))
+    probs = predict(student, rows(dev))
     assert len(by_epoch) == 2 and (probs.argmax(1) == answers_array(dev)).mean() == pytest.approx(max(by_epoch))
     assert np.allclose(probs.sum(1), 1, atol=1e-5)

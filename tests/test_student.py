@@ -3,6 +3,7 @@ accumulation 2 x 4 equals batch 8; a tokenizer without single-token letters is r
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -12,8 +13,9 @@ import torch
 
 from probekd.data.examples import MCQExample, answers_array, option_mask
 from probekd.errors import ProbekdError
-from probekd.student.heads import StudentConfig, load_student
-from probekd.student.train import Rows, TrainConfig, make_trainer, predict, train_student
+from probekd.student.heads import StudentConfig, build_student
+from probekd.student.train import Rows, make_trainer, predict, train_student
+from probekd.student.train_config import TrainConfig
 
 WORDS = ["fish", "frog", "ant", "water", "plants", "sun", "energy", "heat", "light"]
 
@@ -44,18 +46,16 @@ def test_student_learns_and_loss_goes_down(
 ) -> None:
     folder = tiny_bert_dir if kind == "encoder" else tiny_llama_dir
     cfg_s = StudentConfig(model=str(folder), kind=kind, formulation=formulation, prompt="base")
-    student = load_student(cfg_s, k=4, seed=0)
+    student = build_student(cfg_s, k=4, seed=0)
     # a tiny random causal LM cannot learn to map a word's position to its letter in a few steps: for it the
     # answer sits at one position, which it must learn from the targets
     position = 1 if (kind, formulation) == ("causal", "letter") else None
     train, dev = mammal_task(48, position=position), mammal_task(16, seed=1, position=position)
     cfg = TrainConfig(epochs=6, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
-    history = train_student(
-        student.module, student.collate, rows_for(student, train, 4), rows_for(student, dev, 4), cfg, tmp_path / "ck", 0
-    )
+    history = train_student(student, rows_for(student, train, 4), rows_for(student, dev, 4), cfg, tmp_path / "ck", 0)
     losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < 0.7 * losses[0]
-    probs = predict(student.module, student.collate, rows_for(student, dev, 4))
+    probs = predict(student, rows_for(student, dev, 4))
     assert probs.shape == (16, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
     assert (probs.argmax(1) == answers_array(dev)).mean() >= 0.75
     assert not (tmp_path / "ck").exists()  # checkpoints are removed once the best model is loaded
@@ -69,7 +69,7 @@ def _full_sequence_scores(student, ex: MCQExample) -> torch.Tensor:
     out = []
     for cont in conts:
         c = student.tokenizer(cont, add_special_tokens=False)["input_ids"]
-        logp = torch.log_softmax(student.module.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
+        logp = torch.log_softmax(student.model(input_ids=torch.tensor([p + c])).logits[0].float(), -1)
         out.append(torch.stack([logp[len(p) + n - 1, c[n]] for n in range(len(c))]).mean())
     return torch.stack(out)
 
@@ -78,7 +78,7 @@ def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_d
     """Batched, padded and gathered scores equal the mean log-probability of each option's tokens computed from
     the full logits of each sequence run alone."""
     cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base", max_length=64)
-    student = load_student(cfg, k=5)
+    student = build_student(cfg, k=5)
     exs = [
         MCQExample("a", "Which is a mammal?", ("dog", "a small green frog", "ant"), 0),
         MCQExample("b", "What gives plants energy?", ("sun", "water", "heat", "light of the moon", "soil"), 3),
@@ -86,7 +86,7 @@ def test_causal_option_scores_are_length_normalized_log_likelihoods(tiny_llama_d
     rows = rows_for(student, exs, 5, soft=False)
     batch = student.collate([rows[i] for i in range(2)])
     with torch.no_grad():
-        got = student.module(**{k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+        got = student.logits({k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
         for i, ex in enumerate(exs):
             assert torch.allclose(got[i, : ex.k], _full_sequence_scores(student, ex), atol=1e-4), i
     assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()
@@ -96,8 +96,8 @@ def test_causal_option_gradients_flow_through_the_shared_prefix(tiny_llama_dir: 
     """Training runs the prefix once and its cache for every option: the gradients of every weight equal those of
     the K full sequences run alone (the prefix's share reaches it through the cache)."""
     cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base")
-    student = load_student(cfg, k=5)
-    student.module.train()
+    student = build_student(cfg, k=5)
+    student.model.train()
     exs = [
         MCQExample("a", "Which is a mammal that lives in the sea?", ("dog", "a small green frog", "whale"), 2),
         MCQExample("b", "What gives plants energy?", ("sun", "water", "heat", "light of the moon", "soil"), 3),
@@ -105,19 +105,19 @@ def test_causal_option_gradients_flow_through_the_shared_prefix(tiny_llama_dir: 
     rows = rows_for(student, exs, 5, soft=False)
     batch = student.collate([rows[0], rows[1]])
     weights = torch.tensor([[1.0, -2.0, 0.5, 0, 0], [0.3, 1.0, -1.0, 2.0, 0.7]])  # a loss that uses every option
-    params = [q for q in student.module.parameters() if q.requires_grad]
-    scores = student.module(**{k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+    params = [q for q in student.model.parameters() if q.requires_grad]
+    scores = student.logits({k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
     got = torch.autograd.grad((scores[:, :5].nan_to_num(neginf=0.0) * weights).sum(), params)
     want_scores = [_full_sequence_scores(student, ex) for ex in exs]
     want = torch.autograd.grad(sum((w[: len(s)] * s).sum() for w, s in zip(weights, want_scores, strict=True)), params)
     assert torch.allclose(scores[0, :3], want_scores[0], atol=1e-5) and torch.allclose(scores[1], want_scores[1])
     for q, g, w in zip(params, got, want, strict=True):
-        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4), [n for n, x in student.module.named_parameters() if x is q]
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4), [n for n, x in student.model.named_parameters() if x is q]
 
 
 def test_causal_option_prefix_loses_its_start_to_fit_max_length(tiny_llama_dir: Path) -> None:
     cfg = StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base", max_length=12)
-    student = load_student(cfg, k=4)
+    student = build_student(cfg, k=4)
     ex = MCQExample("a", "Which of these animals is a mammal that lives in the cold sea?", ("a dog", "whale"), 1)
     enc = student.encode(ex)
     prefix, _ = student.template.option_texts(ex, student.tokenizer)
@@ -134,46 +134,33 @@ def test_tied_embeddings_student_keeps_its_best_dev_epoch(
     """SmolLM2, Gemma and Qwen tie the output layer to the embeddings: the checkpoint stores the tensor once, and
     reloading the best dev epoch at the end must neither fail nor untie them, and leaves the best epoch's model."""
     cfg_s = StudentConfig(model=str(tiny_tied_llama_dir), kind="causal", formulation="option", prompt="base", lora=lora)
-    student = load_student(cfg_s, k=4, seed=0)
+    student = build_student(cfg_s, k=4, seed=0)
     train, dev = mammal_task(16), mammal_task(12, seed=1)
     cfg = TrainConfig(epochs=3, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
     with caplog.at_level("WARNING"):
         history = train_student(
-            student.module, student.collate, rows_for(student, train, 4), rows_for(student, dev, 4), cfg,
+            student, rows_for(student, train, 4), rows_for(student, dev, 4), cfg,
             tmp_path / "ck", 0,
         )  # fmt: skip
     assert not [r for r in caplog.records if "checkpoint" in r.getMessage()]
-    base = student.module.model.get_base_model() if lora else student.module.model
+    base = student.model.get_base_model() if lora else student.model
     assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
     by_epoch = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-    probs = predict(student.module, student.collate, rows_for(student, dev, 4))
+    probs = predict(student, rows_for(student, dev, 4))
     assert len(by_epoch) == 3 and (probs.argmax(1) == answers_array(dev)).mean() == pytest.approx(max(by_epoch))
 
 
-def test_untied_missing_keys_forgives_only_a_tied_twin(tiny_tied_llama_dir: Path, tiny_llama_dir: Path) -> None:
-    from probekd.student.train import untied_missing_keys
-
-    tied = load_student(StudentConfig(model=str(tiny_tied_llama_dir), kind="causal", prompt="base"), k=4).module
-    untied = load_student(StudentConfig(model=str(tiny_llama_dir), kind="causal", prompt="base"), k=4).module
-    emb, head = "model.model.embed_tokens.weight", "model.lm_head.weight"
-    assert untied_missing_keys(tied, [emb]) == [] and untied_missing_keys(tied, [head]) == []
-    assert untied_missing_keys(tied, [emb, head]) == [emb, head]  # neither twin was loaded
-    assert untied_missing_keys(untied, [emb]) == [emb]
-    other = "model.model.norm.weight"
-    assert untied_missing_keys(tied, [emb, other]) == [other]
-
-
 def test_missing_options_are_masked(tiny_bert_dir: Path) -> None:
-    student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=5)
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=5)
     exs = mammal_task(3, k=3)
-    probs = predict(student.module, student.collate, rows_for(student, exs, 5, soft=False))
+    probs = predict(student, rows_for(student, exs, 5, soft=False))
     assert probs.shape == (3, 5) and (probs[:, 3:] == 0).all()
 
 
 def test_predictions_come_back_in_row_order(tiny_bert_dir: Path, tmp_path: Path) -> None:
     """Batches run longest first; the probabilities are those of each row alone, in the rows' order, and the
     Trainer's evaluation (same order trick) reports the accuracy of those predictions."""
-    student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4)
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4)
     rng = random.Random(3)
     exs = [
         MCQExample(f"q{i}", " ".join(rng.choices(WORDS, k=rng.randrange(1, 12))), tuple(rng.sample(WORDS, 4)), i % 4)
@@ -181,10 +168,10 @@ def test_predictions_come_back_in_row_order(tiny_bert_dir: Path, tmp_path: Path)
     ]
     rows = rows_for(student, exs, 4, soft=False)
     assert rows.longest_first() != list(range(13))  # the lengths differ: the order is not the identity
-    alone = np.concatenate([predict(student.module, student.collate, Rows(*_one(student, e))) for e in exs])
-    batched = predict(student.module, student.collate, rows, batch_size=5)
+    alone = np.concatenate([predict(student, Rows(*_one(student, e))) for e in exs])
+    batched = predict(student, rows, batch_size=5)
     np.testing.assert_allclose(batched, alone, atol=1e-5)
-    trainer = make_trainer(student.module, student.collate, rows, rows, TrainConfig(eval_batch_size=5), tmp_path, 0)
+    trainer = make_trainer(student, rows, rows, TrainConfig(eval_batch_size=5), tmp_path, 0)
     want = float((alone.argmax(1) == answers_array(exs)).mean())
     assert trainer.evaluate()["eval_accuracy"] == pytest.approx(want)
 
@@ -194,15 +181,15 @@ def _one(student, ex: MCQExample) -> tuple[list[dict], np.ndarray, np.ndarray]:
 
 
 def _one_sgd_step(student, rows: Rows, grad_accum: int, tmp_path: Path) -> list[torch.Tensor]:
-    start = [p.detach().clone() for p in student.module.parameters()]
+    start = [p.detach().clone() for p in student.model.parameters()]
     cfg = TrainConfig(batch_size=8, grad_accum=grad_accum, learning_rate=1.0, warmup_ratio=0.0, weight_decay=0.0)
     trainer = make_trainer(
-        student.module, student.collate, rows, None, cfg, tmp_path / f"ga{grad_accum}", 0,
+        student, rows, None, cfg, tmp_path / f"ga{grad_accum}", 0,
         max_steps=1, max_grad_norm=0.0, save_strategy="no", optim="sgd", lr_scheduler_type="constant",
     )  # fmt: skip
     trainer.train()
     return [
-        p.detach().cpu() - s for p, s in zip(student.module.parameters(), start, strict=True)
+        p.detach().cpu() - s for p, s in zip(student.model.parameters(), start, strict=True)
     ]  # Trainer may move it to a GPU
 
 
@@ -212,7 +199,7 @@ def test_gradient_accumulation_2x4_equals_batch_8(tiny_bert_dir: Path, tmp_path:
     exs = [*exs[:3], MCQExample("short", "Which is a mammal?", ("dog", "ant", "sun"), 0), *exs[4:]]  # K = 3 and 4
     deltas = []
     for ga in (1, 2):
-        student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+        student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
         rows = rows_for(student, exs, 4)
         rows.rows[5]["labels"] = -1  # an unlabelled row: soft target only
         rows.rows[5]["weights"] = 0.5
@@ -226,4 +213,88 @@ def test_gradient_accumulation_2x4_equals_batch_8(tiny_bert_dir: Path, tmp_path:
 def test_letters_must_be_single_tokens(tiny_bert_dir: Path) -> None:
     # the WordPiece vocabulary lacks most letters: a causal student with it cannot score " B", " C", ...
     with pytest.raises(ProbekdError, match=r"student .*"):
-        load_student(StudentConfig(model=str(tiny_bert_dir), kind="causal", prompt="base"), k=4)
+        build_student(StudentConfig(model=str(tiny_bert_dir), kind="causal", prompt="base"), k=4)
+
+
+def _batch(student, rows: Rows) -> dict[str, torch.Tensor]:
+    return student.collate([rows[i] for i in range(len(rows))])
+
+
+def test_loss_options_reach_the_loss(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """`train.loss_options` are passed to the loss: the trainer's loss equals the hand-assembled one with that
+    option, and another value of the option gives another loss."""
+    from probekd.losses import jensen_shannon
+    from probekd.losses.common import masked_log_softmax
+
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    rows = rows_for(student, mammal_task(8), 4)
+    got = {}
+    for beta in (0.1, 0.9):
+        cfg = TrainConfig(loss="js", loss_options={"beta": beta}, alpha=0.7, temperature=2.0)
+        trainer = make_trainer(student, rows, None, cfg, tmp_path / f"b{beta}", 0)
+        batch = _batch(student, rows)
+        with torch.no_grad():
+            got[beta] = float(trainer.compute_loss(student.model, dict(batch)))
+            logits = student.logits({k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+            m = batch["option_mask"]
+            kd = jensen_shannon(logits, batch["targets"], m, temperature=2.0, beta=beta) * 4.0
+            ce = -masked_log_softmax(logits, m, 1.0).gather(1, batch["labels"][:, None])[:, 0]
+        assert got[beta] == pytest.approx(float((0.7 * kd + 0.3 * ce).mean()), rel=1e-5)
+    assert abs(got[0.1] - got[0.9]) > 1e-4
+
+
+def test_loss_options_are_checked_against_the_loss() -> None:
+    from pydantic import ValidationError
+
+    from probekd.config import load_config
+    from probekd.errors import ConfigError
+
+    with pytest.raises(ValidationError, match=r"\['beta'\] are not options of loss 'fkl'"):
+        TrainConfig(loss="fkl", loss_options={"beta": 0.5})
+    with pytest.raises(ValidationError, match="not options of loss 'rkl'"):
+        TrainConfig(loss="js>rkl", loss_options={"beta": 0.5})  # both stages must take it
+    assert TrainConfig(loss="akl", loss_options={"head_mass": 0.7, "eps": 1e-3}).loss_options["head_mass"] == 0.7
+    with pytest.raises(ConfigError, match=r"grid.losses.*'fkl'"):
+        load_config(None, ["train.loss=js", "train.loss_options={beta: 0.3}", "grid.losses=[js, fkl]"])
+
+
+def test_trainer_logs_go_to_a_file_and_tensorboard(
+    tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The per-step dictionaries go to RUN/logs/<cell>.jsonl, not to the terminal; with `report_to: [tensorboard]`
+    an event file is written beside it."""
+    pytest.importorskip("tensorboard")
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    rows = rows_for(student, mammal_task(16), 4)
+    cfg = TrainConfig(epochs=2, batch_size=8, report_to=["tensorboard"])
+    log_file = tmp_path / "logs" / "cell.jsonl"
+    train_student(student, rows, rows, cfg, tmp_path / "ck", 0, log_file=log_file, description="cell")
+    entries = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert any("loss" in e for e in entries) and [e["step"] for e in entries if "eval_accuracy" in e] == [2, 4]
+    assert list((tmp_path / "logs" / "cell").rglob("events.out.tfevents.*"))
+    assert "'loss'" not in capsys.readouterr().out
+
+
+def test_an_uninstalled_tracker_is_named(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    rows = rows_for(student, mammal_task(8), 4)
+    with pytest.raises(ProbekdError, match=r"train.report_to names \['no_such_tracker'\]"):
+        make_trainer(student, rows, None, TrainConfig(report_to=["no_such_tracker"]), tmp_path, 0)
+
+
+def test_tied_head_notice_drops_only_the_tied_output_layer(tiny_tied_llama_dir: Path, tiny_llama_dir: Path) -> None:
+    import logging
+
+    from probekd.student.train import TiedHeadNotice
+
+    def record(missing: list[str]) -> logging.LogRecord:
+        msg = f"There were missing keys in the checkpoint model loaded: {missing}."
+        return logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, msg, None, None)
+
+    tied = TiedHeadNotice(build_student(StudentConfig(model=str(tiny_tied_llama_dir), kind="causal"), k=4).model)
+    untied = TiedHeadNotice(build_student(StudentConfig(model=str(tiny_llama_dir), kind="causal"), k=4).model)
+    assert not tied.filter(record(["lm_head.weight"]))  # the same tensor as the embeddings: nothing is missing
+    assert tied.filter(record(["lm_head.weight", "model.norm.weight"]))  # a real loss is still reported
+    assert untied.filter(record(["lm_head.weight"]))
+    other = logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, "something else", None, None)
+    assert tied.filter(other)

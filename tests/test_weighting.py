@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from probekd.errors import ProbekdError
-from probekd.student.heads import StudentConfig, load_student
-from probekd.student.train import TrainConfig, train_student
+from probekd.student.heads import StudentConfig, build_student
+from probekd.student.train import train_student
+from probekd.student.train_config import TrainConfig
 from probekd.weighting import (
     WeightingConfig,
     hard_filter_weights,
@@ -85,11 +86,11 @@ def test_paced_weights_reach_the_trainer(tiny_bert_dir: Path, tmp_path: Path) ->
     `refresh_epochs`, and the history says what they were."""
     from test_student import mammal_task, rows_for
 
-    student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
     rows = rows_for(student, mammal_task(24), 4)
     weighting = WeightingConfig(scheme="paced", warmup_epochs=1 / 3, refresh_epochs=2 / 3)  # 3 steps per epoch
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, weighting=weighting)
-    history = train_student(student.module, student.collate, rows, rows, cfg, tmp_path / "ck", 0)
+    history = train_student(student, rows, rows, cfg, tmp_path / "ck", 0)
     stats = [h["weighting"] for h in history if "weighting" in h]
     assert [s["step"] for s in stats] == [1, 3, 5]  # after the warm-up step, then every 2 of the 6 steps
     w = np.array([r["weights"] for r in rows.rows])
@@ -116,10 +117,10 @@ def test_resumed_weighted_student_keeps_its_weights(
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, weighting=weighting)
 
     def run(out: Path) -> tuple[list[float], list[dict], list[float]]:
-        student = load_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+        student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
         rows = rows_for(student, mammal_task(24), 4)
-        history = train_student(student.module, student.collate, rows, rows, cfg, out, 0)
-        params = [float(p.detach().sum()) for p in student.module.parameters()]
+        history = train_student(student, rows, rows, cfg, out, 0)
+        params = [float(p.detach().sum()) for p in student.model.parameters()]
         return [r["weights"] for r in rows.rows], [h["weighting"] for h in history if "weighting" in h], params
 
     w_full, stats_full, params_full = run(tmp_path / "full")

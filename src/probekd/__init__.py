@@ -1,6 +1,26 @@
-"""probekd: task-specific knowledge distillation from LLMs via intermediate-layer probes."""
+"""probekd: task-specific knowledge distillation from LLMs via intermediate-layer probes.
+
+The Python API (`probekd.api`): `load_task`, `load_config`, `run`, `results`, `export`, `load_student`. They are
+imported on first use, so `import probekd` is cheap and changes no global state (no torch, no plotting backend).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from probekd.errors import ProbekdError
 
 __version__ = "0.1.0"
-__all__ = ["ProbekdError", "__version__"]
+
+__all__ = ["ProbekdError", "__version__", "export", "load_config", "load_student", "load_task", "results", "run"]
+
+if TYPE_CHECKING:
+    from probekd.api import export, load_config, load_student, load_task, results, run
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__[2:]:
+        from probekd import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'probekd' has no attribute {name!r}")

@@ -239,6 +239,7 @@ def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") ->
         return
     report = write_report(out)
     probes = json.loads((out / "probes" / "summary.json").read_text())
+    kept = _best_kept(out)
     typer.echo(
         f"\nteacher {cfg.teacher} ({cfg.extract.formulation} formulation), test accuracy: own answer "
         f"{probes['teacher_accuracy']['test']:.3f}, probe at {chosen_label(probes)} "
@@ -246,7 +247,25 @@ def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") ->
     )
     typer.echo(f"students ({cfg.student.model}), test accuracy by signal and labelled fraction:")
     typer.echo(terminal_table(out))
-    typer.echo(str(report))
+    typer.echo(f"report: {report}")
+    if kept is not None:
+        folder, task, limit = kept
+        lim = f" --limit {limit}" if limit else ""
+        typer.echo(f"kept student (best dev accuracy): {folder}")
+        typer.echo(f"ask it: probekd predict {folder} --task {task} --split test{lim}")
+
+
+def _best_kept(run: Path) -> tuple[Path, str, int | None] | None:
+    """The best-dev kept student's folder, its task and the run's test limit (None when none was kept)."""
+    from probekd.config import load_config
+    from probekd.exporter import choose
+
+    try:
+        chosen, _ = choose(run)
+    except ProbekdError:
+        return None
+    cfg = load_config(run / "config.yaml")
+    return chosen.folder, cfg.task, cfg.limit.get("test")
 
 
 class Stage(StrEnum):
@@ -314,6 +333,84 @@ def _demo_config_path() -> Path:
     return Path(__file__).parent / "configs" / "demo.yaml"
 
 
+@app.command("predict")
+def predict(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A kept student: RUN/students/<cell>/model/ or an exported folder.")
+    ],
+    task: Annotated[
+        str | None, typer.Option(help="Task name, folder of split files, or hf:<dataset> (with --split).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of --task to answer.")] = "test",
+    file: Annotated[
+        Path | None, typer.Option(help="One file of questions (labelled or not) in any supported format.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write one JSON line per question here.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions (a run's `limit`).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, ai2, mmlu, aqua, jsonl or csv.")] = "auto",
+    columns: Annotated[
+        str | None, typer.Option(help='Field mapping for generic files, as JSON: \'{"question": "q", "answer": "y"}\'.')
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Questions per forward pass (default: the run's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ... (auto: cuda when there is one).")] = "auto",
+) -> None:
+    """Answer questions with a kept student: one JSON line per question (id, prediction, probs in the file's option
+    order); with labels, the accuracy and its 95% bootstrap interval."""
+    import torch
+
+    from probekd.data.formats import Columns
+    from probekd.predict import KeptStudent, accuracy, load_questions, predict_probs, predictions, write_predictions
+
+    try:
+        cols = Columns.model_validate_json(columns) if columns else None
+    except ValueError as e:
+        raise ProbekdError(f"bad --columns: {e}") from e
+    examples, source = load_questions(task, split, file, fmt, cols, limit)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kept = KeptStudent(model_dir, device)
+    probs = predict_probs(kept.student, examples, batch_size or kept.manifest.eval_batch_size, progress=True)
+    preds = predictions(examples, probs)
+    if out is not None:
+        write_predictions(out, preds)
+    elif not sys.stdout.isatty() or len(preds) <= 20:
+        for p in preds:
+            typer.echo(json.dumps(p.record()))
+    acc = accuracy(examples, probs)
+    m = kept.manifest
+    typer.echo(
+        f"{len(preds)} questions from {source} answered by {model_dir} ({m.student.model}, {m.signal})", err=True
+    )
+    if acc is not None:
+        lo, hi = acc["accuracy_ci"]
+        typer.echo(f"accuracy {acc['accuracy']:.3f} [95% CI {lo:.3f}, {hi:.3f}] on {acc['n']} labelled", err=True)
+    if out is not None:
+        typer.echo(str(out), err=True)
+
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory with kept students.")],
+    best: Annotated[bool, typer.Option("--best", help="Choose the kept student with the best dev accuracy.")] = False,
+    cell: Annotated[str | None, typer.Option(help="Export this cell's student instead (e.g. probe-f1-s0).")] = None,
+    signal: Annotated[str | None, typer.Option(help="With --best: only students of this signal.")] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="With --best: only students at this labelled fraction.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Destination folder (default: <run>-<cell> beside the run).")] = None,
+) -> None:
+    """Copy a kept student to a clean folder ready to share (chosen on dev accuracy, never test)."""
+    from probekd.exporter import export_student
+
+    if best == (cell is not None):
+        raise ProbekdError("give --best (optionally with --signal/--fraction) or --cell NAME")
+    if cell is not None and (signal or fraction is not None):
+        raise ProbekdError("--signal and --fraction choose among students with --best; --cell names one")
+    target = export_student(run, out, signal=signal, fraction=fraction, cell=cell)
+    typer.echo(f"exported to {target}")
+    typer.echo(f"try it: probekd predict {target} --task <task> --split test")
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/demo"),
@@ -332,6 +429,17 @@ def demo(
     _run_and_report(load_config(_demo_config_path(), set_), out, overwrite)
 
 
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show debug logs, the trainer's per-step logs included.")
+    ] = False,
+) -> None:
+    """Task-specific knowledge distillation from LLMs via intermediate-layer probes."""
+    if verbose:
+        logging.getLogger("probekd").setLevel(logging.DEBUG)
+
+
 def main() -> None:
     """Entry point: run the CLI; errors caused by input print one line and exit with status 2."""
     logging.basicConfig(
@@ -340,6 +448,11 @@ def main() -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # one bar per stage and per student: transformers' own bars (loading and writing weights) and info notices go
+    from transformers import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    hf_logging.disable_progress_bar()
     from probekd.allocator import reuse_freed_memory
 
     reuse_freed_memory()

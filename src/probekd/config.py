@@ -13,9 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from probekd.errors import ConfigError
+from probekd.layout import Cell
 from probekd.probes.pipeline import ProbeConfig
 from probekd.student.heads import StudentConfig
-from probekd.student.train import TrainConfig, check_loss
+from probekd.student.train_config import TrainConfig, check_loss, check_loss_options
 from probekd.targets import SIGNALS
 from probekd.teacher.pipeline import ExtractConfig
 from probekd.weighting import Scheme
@@ -52,10 +53,9 @@ class CellPattern(BaseModel):
             raise ValueError("an exclude entry names at least one of signal, fraction, seed, loss, weighting")
         return self
 
-    def matches(self, signal: str, fraction: float, seed: int, loss: str, weighting: str) -> bool:
-        """Whether the cell (signal, fraction, seed, loss, weighting) is one this pattern names."""
-        cell = {"signal": signal, "fraction": fraction, "seed": seed, "loss": loss, "weighting": weighting}
-        return all(cell[k] == v for k, v in self.model_dump(exclude_none=True).items())
+    def matches(self, cell: Cell) -> bool:
+        """Whether `cell` is one this pattern names."""
+        return all(getattr(cell, k) == v for k, v in self.model_dump(exclude_none=True).items())
 
 
 class GridConfig(BaseModel):
@@ -79,6 +79,12 @@ class GridConfig(BaseModel):
         None, description="Weighting axis (none, paced, hard_filter); default: train.weighting.scheme alone."
     )
 
+    keep_students: Literal["all", "best", "none"] = Field(
+        "all",
+        description="Which trained students are kept as Hugging Face folders (RUN/students/<cell>/model/): `all`; "
+        "`best`, per signal, fraction, loss and weighting the seed with the best dev accuracy (for large sweeps); "
+        "`none` (metrics and test predictions only).",
+    )
     exclude: list[CellPattern] = Field(
         [],
         description="Cells of the product to leave out, e.g. [{loss: akl, weighting: paced}] (AKL as an unweighted "
@@ -127,6 +133,15 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
     grid: GridConfig = Field(default_factory=GridConfig)  # type: ignore[arg-type]
 
+    @model_validator(mode="after")
+    def _loss_options_fit_every_loss(self) -> RunConfig:
+        for loss in self.grid.losses or []:
+            try:
+                check_loss_options(loss, self.train.loss_options)
+            except ValueError as e:
+                raise ValueError(f"grid.losses: {e}") from None
+        return self
+
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: dict[str, int]) -> dict[str, int]:
@@ -134,6 +149,19 @@ class RunConfig(BaseModel):
         if bad or any(n < 1 for n in v.values()):
             raise ValueError(f"limit takes splits {list(SPLITS)} with positive counts, got {v}")
         return v
+
+    def cells(self) -> list[Cell]:
+        """Every grid cell: the product of the grid's axes less `grid.exclude`."""
+        g = self.grid
+        cells = [
+            Cell(s, f, seed, loss, w)
+            for f in g.fractions
+            for seed in g.seeds
+            for s in g.signals
+            for loss in (g.losses or [self.train.loss])
+            for w in (g.weightings or [self.train.weighting.scheme])
+        ]
+        return [c for c in cells if not any(p.matches(c) for p in g.exclude)]
 
 
 def _set(tree: dict[str, Any], dotted: str) -> None:

@@ -22,3 +22,7 @@ class ModelError(ProbekdError):
 
 class ConfigError(ProbekdError):
     """A configuration field or command-line option has an unknown name or a bad value."""
+
+
+class MissingExtraError(ProbekdError):
+    """An optional package is not installed: the message names the `probekd[...]` extra that installs it."""

@@ -7,7 +7,7 @@ on another machine, e.g. one with a GPU).
     RUN/teacher/<split>/, RUN/probes/      see `probekd extract`, `probekd probe`
     RUN/targets/<signal>-f<frac>-s<seed>.npz   training-split soft targets of one grid cell (`probekd.targets`)
     RUN/targets/answers-<split>.npz        ids, option masks, gold answers, teacher scores (no hidden states)
-    RUN/students/<cell>/metrics.json       one trained and evaluated student (`cell_name`: signal, fraction,
+    RUN/students/<cell>/metrics.json       one trained and evaluated student (`Cell.name`: signal, fraction,
                                            seed, and the loss and weighting when not the default)
     RUN/report/                            `probekd report`
 """
@@ -25,12 +25,26 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from probekd.atomic import write_json, write_npz, write_text
+from probekd.atomic import write_json, write_text
 from probekd.config import RunConfig, dump_config
 from probekd.data.examples import MCQExample
+from probekd.data.prompts import PromptTemplate
 from probekd.errors import ProbekdError
 from probekd.evaluate import classification_metrics
+from probekd.layout import (
+    Cell,
+    answers_path,
+    load_answers,
+    log_path,
+    metrics_path,
+    model_dir,
+    save_answers,
+    student_dir,
+    targets_path,
+)
 from probekd.probes.pipeline import load_inputs, run_probes
+from probekd.probes.select import chosen_label
+from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
 
@@ -39,15 +53,6 @@ log = logging.getLogger(__name__)
 # Sections whose change makes a run directory's artifacts stale (the grid may grow: new cells are added).
 _FIXED_SECTIONS = ("task", "teacher", "limit", "extract", "probe", "student", "train")
 _FIXED_GRID = ("mode", "teacher_temperature")  # grid fields that change what a cell of a given name holds
-
-
-def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weighting: str = "none") -> str:
-    """`probe-f0.25-s1`: the name of a grid cell's targets file and student folder; a loss or weighting other than
-    the default adds a suffix (`probe-f0.25-s1-fkl_then_rkl-paced`). Targets files use the name without it."""
-    name = f"{signal}-f{fraction:g}-s{seed}"
-    if (loss, weighting) != ("fkl", "none"):
-        name += f"-{loss.replace('>', '_then_')}-{weighting}"
-    return name
 
 
 def config_differences(
@@ -111,9 +116,9 @@ def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
         a, b = a or defaults[axis], b or defaults[axis]
         merged[axis] = list(dict.fromkeys([*a, *b]))
     # an entry that one side leaves out stays out only if the other side has no cell it names (that cell may be there)
-    old_cells, new_cells = grid_cells(old), grid_cells(cfg)
-    keep = [p for p in cfg.grid.exclude if not any(p.matches(*c) for c in old_cells)]
-    keep += [p for p in old.grid.exclude if p not in keep and not any(p.matches(*c) for c in new_cells)]
+    old_cells, new_cells = old.cells(), cfg.cells()
+    keep = [p for p in cfg.grid.exclude if not any(p.matches(c) for c in old_cells)]
+    keep += [p for p in old.grid.exclude if p not in keep and not any(p.matches(c) for c in new_cells)]
     merged["exclude"] = keep
     # through validation again, so that the fractions come out sorted as always
     grid = type(cfg.grid).model_validate(cfg.grid.model_dump() | merged)
@@ -134,72 +139,6 @@ def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
     lab_ids = [i for i, ok in zip(train.ids, lab_all, strict=True) if ok]
     labelled[np.flatnonzero(lab_all)] = labelled_subset(lab_ids, fraction, seed)
     return labelled
-
-
-def targets_path(run: Path, name: str) -> Path:
-    """RUN/targets/<name>.npz: a grid cell's targets file (name without loss or weighting suffix)."""
-    return run / "targets" / f"{name}.npz"
-
-
-def student_dir(run: Path, name: str) -> Path:
-    """RUN/students/<name>/: a grid cell's student (finished when its metrics.json is there)."""
-    return run / "students" / name
-
-
-def answers_path(run: Path, split: str) -> Path:
-    """The teacher's answers on `split`, as the student stage reads them."""
-    return targets_path(run, f"answers-{split}")
-
-
-def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
-    """What the student stage needs of the teacher caches (ids, option mask, gold answers, the teacher's own
-    scores), without the hidden states, so that stage can run where the caches are not."""
-    for split, c in caches.items():
-        write_npz(
-            answers_path(run, split),
-            ids=np.array(c.ids),
-            scores=c.scores,
-            mask=c.mask,
-            answers=c.answers,
-            meta=np.array(json.dumps({"formulation": c.manifest["formulation"], "layers": c.layers})),
-        )
-
-
-def load_answers(run: Path, splits: tuple[str, ...] = ("train", "dev", "test")) -> dict[str, TeacherCache]:
-    """The caches of `run` as `save_answers` wrote them (`hidden` empty)."""
-    caches = {}
-    for split in splits:
-        path = answers_path(run, split)
-        if not path.exists():
-            raise ProbekdError(
-                f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`, where the "
-                "teacher caches are)"
-            )
-        with np.load(path) as z:
-            meta = json.loads(str(z["meta"]))
-            caches[split] = TeacherCache(
-                {"formulation": meta["formulation"], "layers": meta["layers"]},
-                [str(i) for i in z["ids"]],
-                np.empty((0,), dtype=np.float32),
-                z["scores"],
-                z["mask"].astype(bool),
-                z["answers"],
-            )
-    return caches
-
-
-def grid_cells(cfg: RunConfig) -> list[tuple[str, float, int, str, str]]:
-    """(signal, fraction, seed, loss, weighting) of every grid cell: the product of the axes less `grid.exclude`."""
-    g = cfg.grid
-    cells = [
-        (s, f, seed, loss, w)
-        for f in g.fractions
-        for seed in g.seeds
-        for s in g.signals
-        for loss in (g.losses or [cfg.train.loss])
-        for w in (g.weightings or [cfg.train.weighting.scheme])
-    ]
-    return [c for c in cells if not any(p.matches(*c) for p in g.exclude)]
 
 
 def _student_inputs_there(run: Path) -> bool:
@@ -237,8 +176,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     from probekd.teacher.pipeline import extract_task
 
     check_run_dir(run, cfg, overwrite)
-    cells = list(dict.fromkeys(c[:3] for c in grid_cells(cfg)))  # targets depend on (signal, fraction, seed) only
-    names = [cell_name(*c) for c in cells]
+    cells = list(dict.fromkeys(Cell(c.signal, c.fraction, c.seed) for c in cfg.cells()))  # targets: no loss axis
+    names = [c.targets_name for c in cells]
     if not overwrite and _student_inputs_there(run) and all(targets_path(run, n).exists() for n in names):
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
         log.info("targets stage: the probes, the teacher's answers and all %d targets files are there", len(cells))
@@ -256,8 +195,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
         caches, _, layer_idx = load_inputs(run, cfg.probe, ("train", "dev"))
         _check_same_answers(run, caches)
     done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
-    for n, (signal, fraction, seed) in enumerate(cells, 1):
-        name = cell_name(signal, fraction, seed)
+    for n, cell in enumerate(cells, 1):
+        signal, fraction, seed, name = cell.signal, cell.fraction, cell.seed, cell.targets_name
         path = targets_path(run, name)
         labelled = _labelled(caches["train"], fraction, seed)
         key = (signal, np.packbits(labelled).tobytes())  # e.g. every seed at fraction 1 labels the same rows
@@ -282,20 +221,17 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
 def run_cell(
     run: Path,
     cfg: RunConfig,
-    signal: str,
-    fraction: float,
-    seed: int,
+    cell: Cell,
     caches: dict[str, TeacherCache],
     examples: dict[str, dict[str, MCQExample]],
     probe_test: np.ndarray,
-    loss: str = "fkl",
-    weighting: str = "none",
 ) -> dict[str, Any]:
     """Training and evaluation of one grid cell from its targets file; returns (and writes) its metrics."""
-    from probekd.student.heads import load_student
+    from probekd.student.heads import build_student
     from probekd.student.train import Rows, predict, train_student
 
-    name = cell_name(signal, fraction, seed, loss, weighting)
+    signal, fraction, seed, loss, weighting = cell.signal, cell.fraction, cell.seed, cell.loss, cell.weighting
+    name = cell.name
     out = student_dir(run, name)
     if (out / "metrics.json").exists():
         done = json.loads((out / "metrics.json").read_text())
@@ -309,7 +245,7 @@ def run_cell(
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
     labelled = _labelled(train, fraction, seed)
-    path = targets_path(run, cell_name(signal, fraction, seed))
+    path = targets_path(run, cell.targets_name)
     if not path.exists():
         raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")
     targets = SoftTargets.load(path)
@@ -327,7 +263,7 @@ def run_cell(
     mask = train.padded_mask(kmax)[rows_idx]
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
-    student = load_student(cfg.student, kmax, seed)
+    student = build_student(cfg.student, kmax, seed)
 
     def rows_of(split: str, split_ids: list[str], m: np.ndarray, y: np.ndarray, t: np.ndarray | None = None) -> Rows:
         return Rows([student.encode(examples[split][i]) for i in split_ids], m, y, t)
@@ -339,10 +275,17 @@ def run_cell(
     train_cfg = cfg.train.model_copy(
         update={"loss": loss, "weighting": cfg.train.weighting.model_copy(update={"scheme": weighting})}
     )
-    history = train_student(student.module, student.collate, train_rows, dev_rows, train_cfg, out / "checkpoints", seed)
+    history = train_student(
+        student, train_rows, dev_rows, train_cfg, out / "checkpoints", seed,
+        log_file=log_path(run, name), description=f"student {name}",
+    )  # fmt: skip
+    adapter = out / ".adapter-partial"  # the LoRA adapter alone, moved into the kept folder
+    shutil.rmtree(adapter, ignore_errors=True)
+    student.merge_lora(adapter if cfg.grid.keep_students != "none" else None)
+    # the test predictions come from the merged weights the kept folder holds, so `probekd predict` on it agrees
     test_mask = test.padded_mask(kmax)
     test_rows = rows_of("test", test.ids, test_mask, test.answers)
-    probs = predict(student.module, student.collate, test_rows, cfg.train.eval_batch_size)
+    probs = predict(student, test_rows, cfg.train.eval_batch_size)
     others = {"teacher": test.teacher_predictions(), "probe": probe_test}
     metrics = classification_metrics(probs, test.answers, others, seed=seed)
     dev_acc = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
@@ -367,8 +310,83 @@ def run_cell(
     )
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "test_probs.npy", probs)
-    write_json(out / "metrics.json", metrics)  # last: its presence marks the cell done
+    if cfg.grid.keep_students != "none":
+        n_dev = int((dev.answers >= 0).sum())
+        manifest = kept_manifest(run, cfg, cell, metrics, kmax, n_dev, others, test.answers, student.template)
+        save_kept(student, model_dir(run, name), manifest, adapter)
+    shutil.rmtree(adapter, ignore_errors=True)
+    write_json(metrics_path(run, name), metrics)  # last: its presence marks the cell done
     return metrics
+
+
+def kept_manifest(
+    run: Path,
+    cfg: RunConfig,
+    cell: Cell,
+    metrics: dict[str, Any],
+    k: int,
+    n_dev: int,
+    others: dict[str, np.ndarray],
+    answers: np.ndarray,
+    template: PromptTemplate | None = None,
+) -> KeptManifest:
+    """The `probekd.json` of a grid cell's kept student: how to ask it, how it was made, how well it does (and its
+    teacher and probe on the same test questions, `others`: their predicted options)."""
+    import probekd
+
+    probes_path = run / "probes" / "summary.json"
+    probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
+    lab = answers >= 0
+    ref = {name: float((pred[lab] == answers[lab]).mean()) if lab.any() else None for name, pred in others.items()}
+    return KeptManifest(
+        probekd_version=probekd.__version__,
+        student=cfg.student,
+        template=template,
+        num_options=k,
+        eval_batch_size=cfg.train.eval_batch_size,
+        task=cfg.task,
+        cell=cell.name,
+        run_name=cfg.name,
+        signal=cell.signal,
+        teacher=cfg.teacher,
+        teacher_formulation=cfg.extract.formulation,
+        probe=chosen_label(probes) if probes else None,
+        fraction=cell.fraction,
+        seed=cell.seed,
+        loss=cell.loss,
+        weighting=cell.weighting,
+        n_labelled=metrics["n_labelled"],
+        n_dev=n_dev,
+        metrics=KeptMetrics(
+            test_accuracy=metrics["accuracy"],
+            test_accuracy_ci=metrics["accuracy_ci"],
+            n_test=metrics["n"],
+            dev_accuracy=metrics["best_dev_accuracy"],
+            teacher_test_accuracy=ref.get("teacher"),
+            probe_test_accuracy=ref.get("probe"),
+        ),
+    )
+
+
+def prune_kept(run: Path, cfg: RunConfig) -> list[str]:
+    """Under `grid.keep_students: best`, remove the kept folders of every finished cell but the best of its
+    (signal, fraction, loss, weighting): the highest best dev accuracy, ties to the lower seed (never test).
+    Returns the cells whose folder was removed."""
+    if cfg.grid.keep_students != "best":
+        return []
+    groups: dict[tuple[str, float, str, str], list[tuple[float, int, str]]] = {}
+    for c in cfg.cells():
+        path = metrics_path(run, c.name)
+        if path.exists() and model_dir(run, c.name).is_dir():
+            dev = json.loads(path.read_text()).get("best_dev_accuracy")
+            key = (c.signal, c.fraction, c.loss, c.weighting)
+            groups.setdefault(key, []).append((-(dev if dev is not None else -1.0), c.seed, c.name))
+    removed = []
+    for members in groups.values():
+        for _, _, name in sorted(members)[1:]:
+            shutil.rmtree(model_dir(run, name))
+            removed.append(name)
+    return removed
 
 
 def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage: str = "all") -> list[dict[str, Any]]:
@@ -391,9 +409,10 @@ def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage:
     examples = _examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
-    cells = grid_cells(cfg)
+    cells = cfg.cells()
     results = []
-    for n, (signal, fraction, seed, loss, weighting) in enumerate(cells, 1):
-        log.info("grid cell %d/%d: %s", n, len(cells), cell_name(signal, fraction, seed, loss, weighting))
-        results.append(run_cell(run, cfg, signal, fraction, seed, caches, examples, probe_test, loss, weighting))
+    for n, cell in enumerate(cells, 1):
+        log.info("grid cell %d/%d: %s", n, len(cells), cell.name)
+        results.append(run_cell(run, cfg, cell, caches, examples, probe_test))
+        prune_kept(run, cfg)
     return results

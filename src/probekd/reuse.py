@@ -20,14 +20,8 @@ from pydantic import ValidationError
 from probekd.atomic import copy_atomic
 from probekd.config import RunConfig
 from probekd.errors import ProbekdError
-from probekd.experiment import (
-    cell_name,
-    check_run_dir,
-    config_differences,
-    grid_cells,
-    student_dir,
-    targets_path,
-)
+from probekd.experiment import check_run_dir, config_differences
+from probekd.layout import student_dir, targets_path
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +62,17 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     copied: dict[str, list[str]] = {"targets": [], "students": []}
     if (source / "probes" / "summary.json").exists() and not (run / "probes").exists():
         copy_atomic(source / "probes", run / "probes")
-    cells = grid_cells(cfg)
+    cells = cfg.cells()
     names = [f"answers-{s}" for s in ("train", "dev", "test")]
-    names += list(dict.fromkeys(cell_name(*c[:3]) for c in cells))
+    names += list(dict.fromkeys(c.targets_name for c in cells))
     for name in names:
         src, dst = targets_path(source, name), targets_path(run, name)
         if src.exists() and not dst.exists():
             copy_atomic(src, dst)
             copied["targets"].append(name)
-    src_cells = {cell_name(*c) for c in grid_cells(src_cfg)}
-    for signal, fraction, seed, loss, weighting in cells:
-        name = cell_name(signal, fraction, seed, loss, weighting)
+    src_cells = {c.name for c in src_cfg.cells()}
+    for cell in cells:
+        name, loss, weighting = cell.name, cell.loss, cell.weighting
         src, dst = student_dir(source, name), student_dir(run, name)
         if name not in src_cells or not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
             continue

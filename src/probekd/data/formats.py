@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from probekd.data.examples import MCQExample
 from probekd.errors import DataError
+from probekd.extras import require
 
 FORMATS = ("ai2", "mmlu", "aqua", "jsonl", "csv")
 LETTERS = string.ascii_uppercase
@@ -321,9 +322,9 @@ def read_hf(
     data_files: Any = None,
     id_prefix: str | None = None,
 ) -> list[MCQExample]:
-    """Read one split of a Hugging Face `datasets` source (hub name, or a builder like `json` with `data_files`)."""
-    import datasets
-
+    """Read one split of a Hugging Face `datasets` source (hub name, or a builder like `json` with `data_files`).
+    Needs the optional `datasets` package (the `hf` extra)."""
+    datasets = require("datasets", "hf", f"reading the Hugging Face dataset {path!r}")
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
     except Exception as e:  # datasets raises many types for missing data/offline; all mean "cannot load"

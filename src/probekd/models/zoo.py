@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from probekd.atomic import atomic_path, remove_stale_partials, write_json
 from probekd.errors import ModelError
+from probekd.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,10 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def convert_gguf(gguf: Path, target: Path, info: dict[str, Any]) -> Path:
-    """Dequantize a GGUF model with transformers and save it as a plain safetensors folder at `target`, atomically."""
+    """Dequantize a GGUF model with transformers and save it as a plain safetensors folder at `target`, atomically.
+
+    transformers reads GGUF with the optional `gguf` package (the `zoo` extra): checked first, for a clear error."""
+    require("gguf", "zoo", f"converting the GGUF model {gguf.name}")
     import safetensors.torch
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,5 +1,8 @@
 """The probe stage: teacher caches in, `RUN/probes/` out (per-layer table, chosen layer, weights, probabilities, plot).
 
+`compute_probes` fits and chooses, returning a `ProbeResults` (writes nothing); `save_probes` writes it to
+`RUN/probes/`; `run_probes` does both, unless the probes there were made from the same inputs.
+
 `RUN/probes/` holds, written together (into a scratch folder, then renamed, so it is complete or absent):
 - `summary.json`: fingerprint, config, chosen layer and feature, temperature, teacher and probe accuracy per split,
   the table;
@@ -19,10 +22,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import torch
@@ -36,7 +39,7 @@ from probekd.probes.calibrate import fit_temperature
 from probekd.probes.crossfit import DEFAULT_L2_GRID, CrossfitResult, crossfit, held_out_nll
 from probekd.probes.linear import Kind
 from probekd.probes.select import choose_layer
-from probekd.report.plots import plot_layers
+from probekd.report.plots import plots_available
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint, load_cache
 
 log = logging.getLogger(__name__)
@@ -117,7 +120,7 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits[lab].argmax(-1) == y[lab]).float().mean()) if bool(lab.any()) else float("nan")
 
 
-def _table_csv(rows: list[dict[str, Any]]) -> str:
+def _table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
@@ -208,32 +211,129 @@ def fit_layers(
 
 
 def existing_summary(run: Path) -> dict[str, Any] | None:
+    """RUN/probes/summary.json as written by `save_probes`; None when the probe stage has not finished."""
     path = run / "probes" / "summary.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Fit, choose, calibrate and write the probes of run directory `run`; return the summary.
+class LayerRow(TypedDict):
+    """One probed (feature, layer) group: a row of `layers.csv` and of `summary.json`'s `table`."""
 
-    A finished probe stage with the same fingerprint is returned as is; one made from other inputs is refused
-    unless `overwrite`.
-    """
-    split_dirs = _splits(run)
-    manifests = {s: json.loads((d / "manifest.json").read_text()) for s, d in split_dirs.items()}
-    fp = fingerprint({"teacher": {s: m["fingerprint"] for s, m in manifests.items()}, "config": cfg.model_dump()})
-    old = existing_summary(run)
-    if old is not None and not overwrite:
-        if old.get("fingerprint") == fp:
-            log.info("probes at %s are up to date", run / "probes")
-            return old
-        raise ProbekdError(
-            f"{run / 'probes'} was made from other teacher caches or probe settings; pass --overwrite to replace it"
-        )
+    feature: str  # the hidden state probed: `last` (last token) or `mean` (mean over the option's tokens)
+    layer: int  # the teacher layer (0 = embeddings)
+    l2: float  # the L2 strength of the full-data probe (chosen by cross-validation)
+    cv_accuracy: float  # accuracy of the out-of-fold predictions on the labelled training rows
+    cv_nll: float  # their mean negative log-likelihood
+    dev_accuracy: float  # accuracy of the full-data probe on dev
+    dev_nll: float  # its mean negative log-likelihood on dev
+
+
+class ProbeGain(TypedDict):
+    """The probe's accuracy minus the teacher's own answer's on one split, paired over the labelled questions."""
+
+    diff: float
+    ci95: list[float]  # [low, high]: paired bootstrap over questions, 10,000 resamples, seed 0
+
+
+@dataclass(frozen=True)
+class SplitProbes:
+    """The probes' predictions on one split: what RUN/probes/<split>.npz holds (N questions, K options at most over
+    the run's splits, G probed groups in the table's order)."""
+
+    ids: list[str]
+    probs: np.ndarray  # [N, K] float32: the chosen group, calibrated; out-of-fold for the labelled training rows
+    layer_logits: np.ndarray  # [G, N, K] float32: every group, uncalibrated; -inf where a question has no option
+    mask: np.ndarray  # [N, K] bool: the question's options
+    answers: np.ndarray  # [N] gold option, -1 unlabelled
+    folds: np.ndarray  # [N] cross-fitting fold of each labelled training row; -1 elsewhere (and on other splits)
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    """Everything the probe stage computes (`compute_probes`); `save_probes` writes it to RUN/probes/, `summary`
+    is summary.json's content."""
+
+    fingerprint: str  # of the teacher caches and the probe settings: a rerun with the same one is skipped
+    config: dict[str, Any]  # the `ProbeConfig` fields
+    formulation: str  # `letter` (one state per question) or `option` (one per option)
+    kind: str  # `multinomial` (letter) or `conditional` (option) probes
+    teacher: str  # the teacher model (its folder, as the caches' manifest names it)
+    layers: list[int]  # the teacher layers probed
+    features: tuple[str, ...]  # the states probed (`probe_feature_names`); groups are every layer of each in turn
+    table: list[LayerRow]  # one row per (feature, layer) group
+    best: int  # the chosen group: its index in `table`
+    temperature: float  # of the chosen group, calibrated on dev
+    teacher_accuracy: dict[str, float]  # split -> accuracy of the teacher's own answer
+    probe_accuracy: dict[str, float]  # split -> accuracy of the chosen group (train: out-of-fold)
+    probe_minus_teacher: dict[str, ProbeGain]  # split (with labels) -> paired difference and its interval
+    chance_dev: float  # a uniform guess's accuracy on dev
+    not_converged: int  # (group, problem) fits that hit max_iter
+    seconds: float  # time to compute
+    splits: dict[str, SplitProbes]  # split -> the probes' predictions
+    weights: dict[str, torch.Tensor]  # the full-data probe of every group (standardized space): `coef` [G, ...],
+    # `intercept` [G, ...] (multinomial only), and the features' `mean` and `scale`
+
+    @property
+    def chosen_feature(self) -> str:
+        """The state the chosen group probes (`last` or `mean`)."""
+        return self.table[self.best]["feature"]
+
+    @property
+    def chosen_layer(self) -> int:
+        """The teacher layer of the chosen group."""
+        return self.table[self.best]["layer"]
+
+    def summary(self) -> dict[str, Any]:
+        """The content of RUN/probes/summary.json (what `run_probes` returns)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "formulation": self.formulation,
+            "kind": self.kind,
+            "layers": self.layers,
+            "features": list(self.features),
+            "chosen_layer": self.chosen_layer,
+            "chosen_feature": self.chosen_feature,
+            "temperature": self.temperature,
+            "teacher_accuracy": self.teacher_accuracy,
+            "probe_accuracy": self.probe_accuracy,
+            "probe_accuracy_note": "chosen layer; train = out-of-fold (cross-fitted)",
+            "probe_minus_teacher": self.probe_minus_teacher,  # paired bootstrap over questions, 10,000 resamples
+            "chance_dev": self.chance_dev,
+            "not_converged": self.not_converged,
+            "table": self.table,
+            "seconds": self.seconds,
+        }
+
+
+def probe_fingerprint(run: Path, cfg: ProbeConfig) -> str:
+    """The fingerprint of the probe stage of run directory `run` under `cfg`: its teacher caches' and the settings'
+    (read from the caches' manifests only)."""
+    manifests = {s: json.loads((d / "manifest.json").read_text()) for s, d in _splits(run).items()}
+    return fingerprint({"teacher": {s: m["fingerprint"] for s, m in manifests.items()}, "config": cfg.model_dump()})
+
+
+def _gain(layer_logits: torch.Tensor, c: TeacherCache) -> ProbeGain | None:
+    """The chosen group's accuracy minus the teacher's own answer's, paired over the labelled questions of a split;
+    None without labels."""
+    lab = c.answers >= 0
+    if not lab.any():
+        return None
+    probe_right = layer_logits.numpy()[lab].argmax(1) == c.answers[lab]
+    teacher_right = c.teacher_predictions()[lab] == c.answers[lab]
+    d, lo, hi = bootstrap_ci(probe_right.astype(float) - teacher_right, n_boot=10_000)
+    return {"diff": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def compute_probes(run: Path, cfg: ProbeConfig) -> ProbeResults:
+    """Fit one probe per (feature, layer) group on the teacher caches of run directory `run`, choose the group on
+    dev and calibrate it there; writes nothing (`save_probes` does)."""
+    fp = probe_fingerprint(run, cfg)
     t0 = time.perf_counter()
     caches, layers, layer_idx = load_inputs(run, cfg)
     train, dev = caches["train"], caches["dev"]
     formulation = train.manifest["formulation"]
-    kind = "multinomial" if formulation == "letter" else "conditional"
+    kind: Kind = "multinomial" if formulation == "letter" else "conditional"
     y = torch.from_numpy(train.answers).long()
     log.info(
         "fitting %s probes: %d layers x %d training rows (%d labelled)", kind, len(layers), len(y), int((y >= 0).sum())
@@ -242,104 +342,136 @@ def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[
     features = probe_feature_names(formulation, cfg.feature)
     groups = [(f, layer) for f in features for layer in layers]
     fit = fit_layers(caches, lambda s: layer_features(caches[s], layer_idx, cfg.feature, kmax), kind, cfg, y)
-    res, layer_logits, dev_acc, dev_nll, best, temperature = (
-        fit.crossfit,
-        fit.layer_logits,
-        fit.dev_accuracy,
-        fit.dev_nll,
-        fit.best,
-        fit.temperature,
-    )
-    table = [
+    res, best = fit.crossfit, fit.best
+    table: list[LayerRow] = [
         {
             "feature": feature,
             "layer": layer,
             "l2": float(res.full_l2[i]),
             "cv_accuracy": round(float(res.cv_accuracy[i]), 4),
             "cv_nll": round(float(res.cv_nll[i]), 4),
-            "dev_accuracy": round(float(dev_acc[i]), 4),
-            "dev_nll": round(float(dev_nll[i]), 4),
+            "dev_accuracy": round(float(fit.dev_accuracy[i]), 4),
+            "dev_nll": round(float(fit.dev_nll[i]), 4),
         }
         for i, (feature, layer) in enumerate(groups)
     ]
-    teacher_acc = {s: c.teacher_accuracy() for s, c in caches.items()}
-    probe_acc, gain = {}, {}
-    for s, c in caches.items():
-        probe_acc[s] = _accuracy(layer_logits[s][best], torch.from_numpy(c.answers).long())
-        lab = c.answers >= 0
-        if lab.any():  # paired over the same questions: does the probe beat the teacher's own answer?
-            probe_right = layer_logits[s][best].numpy()[lab].argmax(1) == c.answers[lab]
-            teacher_right = c.teacher_predictions()[lab] == c.answers[lab]
-            d, lo, hi = bootstrap_ci(probe_right.astype(float) - teacher_right, n_boot=10_000)
-            gain[s] = {"diff": round(d, 4), "ci95": [round(lo, 4), round(hi, 4)]}
-    chance = float(np.mean(1.0 / dev.mask.sum(1)))
-    summary: dict[str, Any] = {
-        "fingerprint": fp,
-        "config": cfg.model_dump(),
-        "formulation": formulation,
-        "kind": kind,
-        "layers": layers,
-        "features": list(features),
-        "chosen_layer": groups[best][1],
-        "chosen_feature": groups[best][0],
-        "temperature": temperature,
-        "teacher_accuracy": teacher_acc,
-        "probe_accuracy": probe_acc,
-        "probe_accuracy_note": "chosen layer; train = out-of-fold (cross-fitted)",
-        "probe_minus_teacher": gain,  # paired bootstrap over questions, 10,000 resamples, seed 0
-        "chance_dev": chance,
-        "not_converged": res.not_converged,
-        "table": table,
-        "seconds": round(time.perf_counter() - t0, 2),
+    gains = {s: _gain(fit.layer_logits[s][best], c) for s, c in caches.items()}
+    splits = {
+        s: SplitProbes(
+            ids=list(c.ids),
+            probs=fit.probs(s).numpy().astype(np.float32, copy=False),
+            layer_logits=fit.layer_logits[s].numpy().astype(np.float32, copy=False),
+            mask=np.isfinite(fit.layer_logits[s][best].numpy()),
+            answers=c.answers,
+            folds=res.folds if s == "train" else np.full(len(c.ids), -1),
+        )
+        for s, c in caches.items()
     }
-    out = run / "probes"
-    with atomic_path(out) as tmp:
+    weights = {"coef": res.full.coef[:, 0], "mean": res.standardizer.mean, "scale": res.standardizer.scale}
+    if res.full.intercept is not None:
+        weights["intercept"] = res.full.intercept[:, 0]
+    return ProbeResults(
+        fingerprint=fp,
+        config=cfg.model_dump(),
+        formulation=formulation,
+        kind=kind,
+        teacher=str(train.manifest["model"]),
+        layers=layers,
+        features=features,
+        table=table,
+        best=best,
+        temperature=fit.temperature,
+        teacher_accuracy={s: c.teacher_accuracy() for s, c in caches.items()},
+        probe_accuracy={
+            s: _accuracy(fit.layer_logits[s][best], torch.from_numpy(c.answers).long()) for s, c in caches.items()
+        },
+        probe_minus_teacher={s: g for s, g in gains.items() if g is not None},
+        chance_dev=float(np.mean(1.0 / dev.mask.sum(1))),
+        not_converged=res.not_converged,
+        seconds=round(time.perf_counter() - t0, 2),
+        splits=splits,
+        weights=weights,
+    )
+
+
+def layers_csv(results: ProbeResults) -> str:
+    """The text of layers.csv: the table, one row per (feature, layer) group."""
+    return _table_csv(results.table)
+
+
+def plot_probe_layers(path: Path, results: ProbeResults) -> None:
+    """layers.png: probe accuracy by layer (cross-validated on train, and dev) per probed state, with the teacher's
+    own dev accuracy, chance and the chosen group marked."""
+    from probekd.report.plots import plot_layers
+
+    features, formulation = results.features, results.formulation
+    curves = {}
+    for f in features:
+        name = f"probe ({f} state)" if len(features) > 1 else "probe"
+        rows = [r for r in results.table if r["feature"] == f]
+        curves[f"{name}, cross-validated train"] = [r["cv_accuracy"] for r in rows]
+        curves[f"{name}, dev"] = [r["dev_accuracy"] for r in rows]
+    plot_layers(
+        path,
+        results.layers,
+        curves,
+        teacher=results.teacher_accuracy["dev"],
+        chance=results.chance_dev,
+        chosen=results.chosen_layer,
+        chosen_label=f"chosen: layer {results.chosen_layer}"
+        + (f", {results.chosen_feature} state" if len(features) > 1 else ""),
+        title=f"{results.kind} probes ({formulation} formulation"
+        + (f", {' and '.join(features)} state" if formulation == "option" else "")
+        + "), teacher "
+        + re.sub(r"-[0-9a-f]{12}$", "", Path(results.teacher).name),
+    )
+
+
+def save_probes(run: Path, results: ProbeResults) -> dict[str, Any]:
+    """Write RUN/probes/ from `results` (all files together: complete or absent); returns the summary."""
+    summary = results.summary()
+    with atomic_path(run / "probes") as tmp:
         tmp.mkdir()
-        for s, c in caches.items():
-            logits = layer_logits[s]
-            probs = fit.probs(s)
+        for s, p in results.splits.items():
             np.savez(
                 tmp / f"{s}.npz",
-                ids=np.array(c.ids),
-                probs=probs.numpy().astype(np.float32),
-                layer_logits=logits.numpy().astype(np.float32),
-                mask=np.isfinite(logits[best].numpy()),
-                answers=c.answers,
-                folds=res.folds if s == "train" else np.full(len(c.ids), -1),
+                ids=np.array(p.ids),
+                probs=p.probs,
+                layer_logits=p.layer_logits,
+                mask=p.mask,
+                answers=p.answers,
+                folds=p.folds,
             )
-        tensors = {"coef": res.full.coef[:, 0], "mean": res.standardizer.mean, "scale": res.standardizer.scale}
-        if res.full.intercept is not None:
-            tensors["intercept"] = res.full.intercept[:, 0]
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
+            {k: v.contiguous() for k, v in results.weights.items()},
             str(tmp / "weights.safetensors"),
             metadata={
-                "kind": kind,
-                "layers": json.dumps([layer for _, layer in groups]),
-                "features": json.dumps([f for f, _ in groups]),
-                "temperature": str(temperature),
+                "kind": results.kind,
+                "layers": json.dumps([r["layer"] for r in results.table]),
+                "features": json.dumps([r["feature"] for r in results.table]),
+                "temperature": str(results.temperature),
             },
         )
-        (tmp / "layers.csv").write_text(_table_csv(table))
-        curves = {}
-        for f in features:
-            name = f"probe ({f} state)" if len(features) > 1 else "probe"
-            rows = [r for r in table if r["feature"] == f]
-            curves[f"{name}, cross-validated train"] = [r["cv_accuracy"] for r in rows]
-            curves[f"{name}, dev"] = [r["dev_accuracy"] for r in rows]
-        plot_layers(
-            tmp / "layers.png",
-            layers,
-            curves,
-            teacher=teacher_acc["dev"],
-            chance=chance,
-            chosen=groups[best][1],
-            chosen_label=f"chosen: layer {groups[best][1]}"
-            + (f", {groups[best][0]} state" if len(features) > 1 else ""),
-            title=f"{kind} probes ({formulation} formulation"
-            + (f", {' and '.join(features)} state" if formulation == "option" else "")
-            + "), teacher "
-            + re.sub(r"-[0-9a-f]{12}$", "", Path(train.manifest["model"]).name),
-        )
+        (tmp / "layers.csv").write_text(layers_csv(results))
+        if plots_available():  # the `plots` extra
+            plot_probe_layers(tmp / "layers.png", results)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def run_probes(run: Path, cfg: ProbeConfig, *, overwrite: bool = False) -> dict[str, Any]:
+    """Fit, choose, calibrate and write the probes of run directory `run` (`compute_probes`, then `save_probes`);
+    return the summary.
+
+    A finished probe stage with the same fingerprint is returned as is; one made from other inputs is refused
+    unless `overwrite`.
+    """
+    old = existing_summary(run)
+    if old is not None and not overwrite:
+        if old.get("fingerprint") == probe_fingerprint(run, cfg):
+            log.info("probes at %s are up to date", run / "probes")
+            return old
+        raise ProbekdError(
+            f"{run / 'probes'} was made from other teacher caches or probe settings; pass --overwrite to replace it"
+        )
+    return save_probes(run, compute_probes(run, cfg))

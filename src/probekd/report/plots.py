@@ -1,30 +1,48 @@
-"""PNG plots (matplotlib, Agg backend: no display needed)."""
+"""PNG plots, drawn on a bare `matplotlib.figure.Figure` and saved with the Agg renderer (no display needed).
+
+Importing this module does not import matplotlib, and nothing here imports pyplot or calls `matplotlib.use`:
+probekd never changes the caller's matplotlib backend or pyplot state. matplotlib is optional (the `plots` extra):
+check `plots_available()` before plotting; the plot functions raise MissingExtraError without it.
+"""
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from probekd.atomic import atomic_path
+from probekd.extras import available, require
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 Curve = tuple[list[float], list[float], list[float], list[float]]  # fractions, means, interval lows, highs
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    """Tight layout and an atomic PNG write."""
+def plots_available() -> bool:
+    """Whether matplotlib (the `plots` extra) is installed, so that the plot functions can draw; checked without
+    importing it. Without it, a report is written without its PNGs."""
+    return available("matplotlib")
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A new bare Figure (not registered with pyplot, so nothing to close), or MissingExtraError."""
+    require("matplotlib", "plots", "drawing the report plots")
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Tight layout and an atomic PNG write (savefig picks the Agg canvas for PNG, whatever the global backend)."""
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
-def _decorate(ax: plt.Axes) -> None:
+def _decorate(ax: Axes) -> None:
     """Grid, and the legend outside the axes on the right (never over the data)."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -43,7 +61,8 @@ def plot_layers(
 ) -> None:
     """Probe accuracy by layer, one line per curve, the teacher's own accuracy and chance as horizontal lines,
     and the chosen layer marked (`chosen_label` names it in the legend; default "chosen layer (N)")."""
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
+    fig = _figure(figsize=(9, 4), dpi=120)
+    ax = fig.subplots()
     for name, ys in curves.items():
         ax.plot(layers, ys, marker="o", markersize=3, label=name)
     if teacher is not None:
@@ -53,6 +72,8 @@ def plot_layers(
     if chosen is not None:
         ax.axvline(chosen, color="tab:red", alpha=0.3, linewidth=6, label=chosen_label or f"chosen layer ({chosen})")
     ax.set_xlabel("layer (0 = embeddings)")
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
@@ -73,7 +94,7 @@ def _panels(curves: dict[str, Curve]) -> dict[str, dict[str, Curve]]:
     return panels
 
 
-def _draw(ax: plt.Axes, curves: dict[str, Curve], xs_all: list[float], references: dict[str, float]) -> None:
+def _draw(ax: Axes, curves: dict[str, Curve], xs_all: list[float], references: dict[str, float]) -> None:
     """One panel: a line with a band per curve (error bars, dodged, where there is a single fraction)."""
     offsets = {name: (i - (len(curves) - 1) / 2) * 0.02 for i, name in enumerate(curves)}
     for name, (xs, means, lows, highs) in curves.items():
@@ -112,9 +133,8 @@ def plot_data_efficiency(
     a line with a band (error bars where there is a single fraction); `references` as horizontal lines. A grid
     with loss/weighting variants gets one panel per signal (shared y axis), see `_panels`."""
     panels = _panels(curves)
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(9, 4 + 3 * (len(panels) - 1)), dpi=120, sharey=True, squeeze=False
-    )
+    fig = _figure(figsize=(9, 4 + 3 * (len(panels) - 1)), dpi=120)
+    axes = fig.subplots(len(panels), 1, sharey=True, squeeze=False)
     xs_all = sorted({x for xs, *_ in curves.values() for x in xs})
     for ax, (signal, group) in zip(axes[:, 0], panels.items(), strict=True):
         _draw(ax, group, xs_all, references)

@@ -3,6 +3,11 @@ Probe-KD against each other signal, plots, and a plain verdict per setting.
 
 Writes RUN/report/: report.md, results.csv (one row per cell), summary.csv (one row per signal and fraction),
 data_efficiency.png, layers.png (the probe layer curve, copied from RUN/probes/).
+
+In three steps, each usable alone (the Python API returns the computed objects): `compute_report` reads the run
+folder and returns a `Report` (cells, summary rows, comparisons, probes, chance level); `render_markdown` and
+`render_terminal` turn it into text; `save_report` writes the folder. `write_report` does all three;
+`results_table` is the per-cell table alone, as plain dicts.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import io
 import json
 import math
 import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import yaml
@@ -23,7 +30,7 @@ from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
 from probekd.evaluate import bootstrap_ci, mean_ci, normalized_entropy
 from probekd.probes.select import chosen_label
-from probekd.report.plots import plot_data_efficiency
+from probekd.report.plots import plots_available
 from probekd.teacher.cache import TeacherCache, load_cache
 
 LABELS = {
@@ -35,10 +42,38 @@ LABELS = {
 CELL_COLUMNS = [
     "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy",
     "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy",
-    "test_entropy", "mean_pass_rate", "ess_share", "zero_share", "seconds",
+    "test_entropy", "mean_pass_rate", "ess_share", "zero_share", "seconds", "kept_model",
 ]  # fmt: skip
 WEIGHT_STATS = ("mean_pass_rate", "ess_share", "zero_share")  # of a weighted student: mean over its weight passes
 NEAR_UNIFORM = 0.99  # a student whose test predictions' normalized entropy is above this is flagged in the report
+
+
+class SummaryRow(TypedDict):
+    """One row of summary.csv: the students of one variant at one labelled fraction, over their seeds."""
+
+    variant: str  # the signal, plus the loss and weighting when not the default (`probe · fkl>rkl · paced`)
+    fraction: float  # the labelled fraction
+    seeds: int  # how many seeds (students) are finished
+    accuracy_mean: float  # mean test accuracy over the seeds
+    accuracy_ci_half: float | str  # half-width of its 95% t-interval over seeds ("" with one seed)
+    accuracy_ci_bootstrap: list[float] | str  # one seed: its bootstrap 95% interval over test questions, else ""
+    ece_mean: float  # mean expected calibration error on test
+    agreement_teacher_mean: float  # mean agreement of the students' test answers with the teacher's own
+    agreement_probe_mean: float  # and with the probe's
+
+
+class Comparison(TypedDict):
+    """Variant `a` against variant `b` at one fraction, paired by seed (`compare`)."""
+
+    a: str
+    b: str
+    fraction: float
+    seeds: int  # seeds finished for both
+    diff: float  # mean over seeds of a's test accuracy minus b's
+    half: float  # half-width of its 95% t-interval over seeds (NaN with one seed)
+    bootstrap: tuple[float, float] | None  # paired bootstrap 95% interval over test questions (None without the
+    # students' saved test predictions)
+    verdict: str  # `wins`, `loses`, `ties (an interval includes 0)`, `no interval`, or an untested note
 
 
 def label(variant: str) -> str:
@@ -61,6 +96,7 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
             c = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ProbekdError(f"{path} is not valid JSON ({e}); delete it to rerun that cell") from e
+        c.setdefault("cell", path.parent.name)
         loss, weighting = c.setdefault("loss", "fkl"), c.setdefault("weighting", "none")
         default = (loss, weighting) == ("fkl", "none")
         c["variant"] = c["signal"] if default else f"{c['signal']} · {loss} · {weighting}"
@@ -74,17 +110,17 @@ def unfinished(run: Path) -> str | None:
     """A sentence saying how many of the grid's cells (RUN/config.yaml) have no finished student yet, by fraction;
     None when all have one or the configuration cannot be read (then the report describes what is there)."""
     from probekd.config import RunConfig
-    from probekd.experiment import cell_name, grid_cells, student_dir
+    from probekd.layout import metrics_path
 
     try:
         cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     except (OSError, yaml.YAMLError, ValueError):
         return None
-    cells = grid_cells(cfg)
-    missing = [c for c in cells if not (student_dir(run, cell_name(*c)) / "metrics.json").exists()]
+    cells = cfg.cells()
+    missing = [c for c in cells if not metrics_path(run, c.name).exists()]
     if not missing:
         return None
-    by_fraction = {f: sum(c[1] == f for c in missing) for f in sorted({c[1] for c in missing})}
+    by_fraction = {f: sum(c.fraction == f for c in missing) for f in sorted({c.fraction for c in missing})}
     where = ", ".join(f"{n} at fraction {f:g}" for f, n in by_fraction.items())
     return (
         f"Partial: {len(cells) - len(missing)} of the grid's {len(cells)} cells are finished ({where} to go; "
@@ -92,7 +128,7 @@ def unfinished(run: Path) -> str | None:
     )
 
 
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def _csv(rows: Sequence[Mapping[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -100,12 +136,12 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(cells: list[dict[str, Any]]) -> list[SummaryRow]:
     """Per (variant, fraction): mean test accuracy over seeds and the half-width of its 95% t-interval."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for c in cells:
         groups.setdefault((c["variant"], c["fraction"]), []).append(c)
-    out = []
+    out: list[SummaryRow] = []
     for (variant, fraction), cs in sorted(groups.items(), key=lambda kv: (kv[0][1], _order(kv[0][0]))):
         mean, half = mean_ci([c["accuracy"] for c in cs])
         out.append(
@@ -127,7 +163,7 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _test_probs(run: Path, cell: dict[str, Any]) -> np.ndarray | None:
     """A finished student's probabilities on the test questions [N, K], None if it saved none."""
-    from probekd.experiment import student_dir
+    from probekd.layout import student_dir
 
     path = student_dir(run, cell["cell"]) / "test_probs.npy"
     return np.load(path) if path.exists() else None
@@ -203,7 +239,7 @@ def compare(
     fraction: float,
     run: Path | None = None,
     answers: np.ndarray | None = None,
-) -> dict[str, Any] | None:
+) -> Comparison | None:
     """Test accuracy of variant `a` minus `b` at `fraction`, paired by seed, with two 95% intervals: a t-interval
     over seeds (training noise; needs 2+ seeds) and a paired bootstrap over test questions of the seed-averaged
     correctness (test-set noise; needs the cells' saved test predictions). The verdict needs every available
@@ -241,7 +277,7 @@ def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
     """Whether the student kept for `cell` (its best dev epoch) was saved before its loss or weighting first made it
     differ from the forward-KL, unweighted student of the same cell (`train`: the run's `train` config): then it
     *is* that student, and comparing the two tests nothing (PACED's warm-up epoch, the first half of `fkl>rkl`)."""
-    from probekd.student.train import TrainConfig
+    from probekd.student.train_config import TrainConfig
 
     dev = cell.get("dev_accuracy_by_epoch") or []
     if not dev or "n_train_rows" not in cell:
@@ -255,7 +291,7 @@ def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
     return kept_at <= first
 
 
-def _flag_early_kept(rows: list[dict[str, Any]], cells: list[dict[str, Any]], train: dict[str, Any]) -> None:
+def _flag_early_kept(rows: list[Comparison], cells: list[dict[str, Any]], train: dict[str, Any]) -> None:
     """Mark the variant comparisons whose kept students predate the variant (see `kept_before_variant`)."""
     for r in rows:
         same = [c for c in cells if c["variant"] == r["a"] and c["fraction"] == r["fraction"]]
@@ -272,7 +308,7 @@ def _pm(mean: float, half: Any, signed: bool = False) -> str:
     return m if half in ("", None) or half != half else f"{m} ± {half:.3f}"
 
 
-def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[dict[str, Any], str]]) -> list[str]:
+def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[Comparison, str]]) -> list[str]:
     """Markdown lines of a table of `compare` results, each row named by the given variant (none: no lines)."""
     if not rows:
         return []
@@ -295,7 +331,7 @@ def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[di
 def _test_cache(run: Path) -> TeacherCache | None:
     """The test split's gold answers and option mask (no hidden states), for the paired bootstrap and the chance
     level: from RUN/targets/ (present wherever students were trained), else from the teacher cache."""
-    from probekd.experiment import load_answers
+    from probekd.layout import load_answers
 
     with contextlib.suppress(ProbekdError):
         return load_answers(run, ("test",))["test"]
@@ -304,7 +340,7 @@ def _test_cache(run: Path) -> TeacherCache | None:
     return None
 
 
-def plot_interval(row: dict[str, Any]) -> tuple[float, float]:
+def plot_interval(row: Mapping[str, Any]) -> tuple[float, float]:
     """The band plotted for one summary row: the bootstrap interval of a single seed, else the t-interval over
     seeds cut to [0, 1] (an accuracy; two seeds' t-interval is often wider than that); NaN when there is neither."""
     if row["accuracy_ci_bootstrap"]:
@@ -317,42 +353,146 @@ def plot_interval(row: dict[str, Any]) -> tuple[float, float]:
     )
 
 
-def write_report(run: Path) -> Path:
-    """Write RUN/report/ from the finished cells; returns the path of report.md."""
+@dataclass(frozen=True)
+class Report:
+    """Everything RUN/report/ shows, computed from a run folder (`compute_report`); `render_markdown` makes report.md
+    from it, `save_report` writes the folder."""
+
+    run: Path  # the run folder
+    config: dict[str, Any]  # RUN/config.yaml as written ({} when absent)
+    cells: list[dict[str, Any]]  # the finished cells: metrics.json, `variant`, and the derived results.csv columns
+    summary: list[SummaryRow]  # per (variant, fraction): mean over seeds (`summarize`)
+    fractions: list[float]  # the labelled fractions with a finished cell, ascending
+    variants: list[str]  # the variants with a finished cell, in table order (`probe`, `teacher · fkl>rkl · paced`)
+    comparisons: list[Comparison]  # Probe-KD against each other signal's default student, per fraction
+    variant_comparisons: list[Comparison]  # each loss / weighting variant against its signal's default student
+    probes: dict[str, Any] | None  # RUN/probes/summary.json (None without it)
+    chance: float | None  # a uniform guess's test accuracy (None without the test split's answers)
+    partial: str | None  # the `unfinished` sentence (None when the grid is complete or its config unreadable)
+    without_model: list[str]  # names of finished cells with no kept model folder (`probekd.layout.model_dir`)
+
+    @property
+    def name(self) -> str:
+        """The run's name: the configuration's, else the run folder's."""
+        return str(self.config.get("name", self.run.name))
+
+
+def _kept_model(run: Path, name: str) -> bool:
+    """Whether the cell's student was kept: its model folder (`probekd.student.kept`) holds `probekd.json`."""
+    from probekd.layout import model_dir
+
+    return (model_dir(run, name) / "probekd.json").exists()
+
+
+def _finished_cells(run: Path, test: TeacherCache | None) -> list[dict[str, Any]]:
+    """`load_cells` with the derived columns of results.csv: `accuracy_ci_low`/`_high`, `test_entropy` (when the
+    test split's option mask is known), `kept_model`."""
     cells = load_cells(run)
+    if test is not None:
+        _add_test_entropy(run, cells, test.mask)
+    for c in cells:
+        c["accuracy_ci_low"], c["accuracy_ci_high"] = c["accuracy_ci"]
+        c["kept_model"] = _kept_model(run, c["cell"])
+    return cells
+
+
+def results_table(run: Path) -> list[dict[str, Any]]:
+    """One plain dict per finished cell of run folder `run` (in results.csv's order): the cell's name (`cell`), then
+    the `CELL_COLUMNS` fields (None where results.csv leaves the field empty). Empty when no cell is finished."""
+    if not Path(run).is_dir():
+        raise ProbekdError(f"{run} is not a run folder")
+    cells = _finished_cells(Path(run), _test_cache(Path(run)))
+    return [{"cell": c["cell"], **{k: c.get(k) for k in CELL_COLUMNS}} for c in cells]
+
+
+def compute_report(run: Path) -> Report:
+    """What the report of run folder `run` shows, from its finished cells (and its config, probes and test answers
+    where present); writes nothing."""
+    run = Path(run)
+    test = _test_cache(run)
+    cells = _finished_cells(run, test)
     if not cells:
         raise ProbekdError(f"no finished students under {run / 'students'}; run `probekd run` first")
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
     probes_path = run / "probes" / "summary.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
-    summary = summarize(cells)
-    test = _test_cache(run)
     answers = test.answers if test is not None else None
     chance = float((1 / test.mask.sum(1)).mean()) if test is not None and len(test.mask) else None
-    if test is not None:
-        _add_test_entropy(run, cells, test.mask)
     fractions = sorted({c["fraction"] for c in cells})
-    signals = sorted({c["variant"] for c in cells}, key=_order)
+    variants = sorted({c["variant"] for c in cells}, key=_order)
     comparisons = [
         r
         for f in fractions
-        for other in signals
+        for other in variants
         if other != "probe" and " · " not in other
         for r in [compare(cells, "probe", other, f, run, answers)]
         if r is not None
     ]
     # each loss / weighting variant against the default (forward KL, unweighted) student of its signal
-    variants = [
+    variant_comparisons = [
         r
         for f in fractions
-        for v in signals
+        for v in variants
         if " · " in v
         for r in [compare(cells, v, v.partition(" · ")[0], f, run, answers)]
         if r is not None
     ]
     if cfg.get("train"):
-        _flag_early_kept(variants, cells, cfg["train"])
-    lines = [f"# probekd report: {cfg.get('name', run.name)}", ""]
+        _flag_early_kept(variant_comparisons, cells, cfg["train"])
+    return Report(
+        run=run,
+        config=cfg,
+        cells=cells,
+        summary=summarize(cells),
+        fractions=fractions,
+        variants=variants,
+        comparisons=comparisons,
+        variant_comparisons=variant_comparisons,
+        probes=probes,
+        chance=chance,
+        partial=unfinished(run),
+        without_model=sorted(c["cell"] for c in cells if not c["kept_model"]),
+    )
+
+
+def kept_model_note(report: Report) -> list[str]:
+    """Report lines saying how many finished cells have no kept model folder (all have one: no lines)."""
+    if not report.without_model:
+        return []
+    return [
+        f"{len(report.without_model)} of {len(report.cells)} finished cells have no kept model folder "
+        "(`students/<cell>/model/`: made before probekd kept students, or left out by `grid.keep_students`; column "
+        "`kept_model` of `results.csv`).",
+        "",
+    ]
+
+
+def _accuracy_table(report: Report) -> list[str]:
+    """Markdown lines of the student test accuracy table: a row per fraction, a column per variant."""
+    lines = [
+        "## Student test accuracy (mean ± 95% t-interval over seeds)",
+        "",
+        "| fraction | " + " | ".join(label(s) for s in report.variants) + " |",
+        "|---" * (len(report.variants) + 1) + "|",
+    ]
+    by = {(r["variant"], r["fraction"]): r for r in report.summary}
+    for f in report.fractions:
+        row = [f"{f:g}"]
+        for s in report.variants:
+            r = by.get((s, f))
+            if r and r["accuracy_ci_bootstrap"]:
+                lo, hi = r["accuracy_ci_bootstrap"]
+                row.append(f"{r['accuracy_mean']:.3f} [{lo:.3f}, {hi:.3f}] (1)")
+            else:
+                row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    """The text of report.md."""
+    cfg, probes, cells = report.config, report.probes, report.cells
+    lines = [f"# probekd report: {report.name}", ""]
     lines += [
         f"Task `{cfg.get('task', '?')}`, teacher `{cfg.get('teacher', '?')}` "
         f"({cfg.get('extract', {}).get('formulation', '?')} formulation), student "
@@ -360,9 +500,9 @@ def write_report(run: Path) -> Path:
         f"mode `{cfg.get('grid', {}).get('mode', '?')}`, {len(cells)} students.",
         "",
     ]
-    partial = unfinished(run)
-    if partial:
-        lines += [f"**{partial}**", ""]
+    if report.partial:
+        lines += [f"**{report.partial}**", ""]
+    lines += kept_model_note(report)
     if probes:
         t = probes["teacher_accuracy"]
         p = probes["probe_accuracy"]
@@ -376,82 +516,88 @@ def write_report(run: Path) -> Path:
             "Probe accuracy on train is out-of-fold. ![probe accuracy by layer](layers.png)",
             "",
         ]
-    if chance is not None:
-        lines += [f"Chance on test (a uniform guess among each question's options): {chance:.3f}.", ""]
-    lines += [
-        "## Student test accuracy (mean ± 95% t-interval over seeds)",
-        "",
-        "| fraction | " + " | ".join(label(s) for s in signals) + " |",
-        "|---" * (len(signals) + 1) + "|",
-    ]
-    by = {(r["variant"], r["fraction"]): r for r in summary}
-    for f in fractions:
-        row = [f"{f:g}"]
-        for s in signals:
-            r = by.get((s, f))
-            if r and r["accuracy_ci_bootstrap"]:
-                lo, hi = r["accuracy_ci_bootstrap"]
-                row.append(f"{r['accuracy_mean']:.3f} [{lo:.3f}, {hi:.3f}] (1)")
-            else:
-                row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
-        lines.append("| " + " | ".join(row) + " |")
+    if report.chance is not None:
+        lines += [f"Chance on test (a uniform guess among each question's options): {report.chance:.3f}.", ""]
+    lines += _accuracy_table(report)
     lines += [
         "",
         "(n) = seeds; with one seed, [a, b] is the bootstrap 95% interval over test questions.",
         "",
-        "![accuracy vs labelled fraction](data_efficiency.png)",
+        "![accuracy vs labelled fraction](data_efficiency.png)"
+        if plots_available()
+        else "(plots need matplotlib: `pip install 'probekd[plots]'`)",
         "",
         *near_uniform_note(cells),
     ]
     lines += _comparison_table(
         "Probe-KD against each other signal (paired by seed, test accuracy difference)", "against", "Probe-KD",
-        [(r, r["b"]) for r in comparisons],
+        [(r, r["b"]) for r in report.comparisons],
     )  # fmt: skip
     lines += _comparison_table(
         "Losses and weightings against forward KL, unweighted (same signal, paired by seed)", "variant", "variant",
-        [(r, r["a"]) for r in variants],
+        [(r, r["a"]) for r in report.variant_comparisons],
     )  # fmt: skip
-    lines += weights_table(cells, chance)
+    lines += weights_table(cells, report.chance)
     lines += [
         "Agreement, ECE and per-cell numbers: `results.csv`; means per setting: `summary.csv`.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def plot_report(path: Path, report: Report) -> None:
+    """data_efficiency.png: mean test accuracy against the labelled fraction per variant, with its interval
+    (`plot_interval`), the teacher's, the probe's and chance's test accuracy as references."""
+    from probekd.report.plots import plot_data_efficiency
+
+    by = {(r["variant"], r["fraction"]): r for r in report.summary}
+    curves = {}
+    for s in report.variants:
+        rs = [by[(s, f)] for f in report.fractions if (s, f) in by]
+        bands = [plot_interval(r) for r in rs]
+        curves[label(s)] = (
+            [r["fraction"] for r in rs],
+            [r["accuracy_mean"] for r in rs],
+            [lo for lo, _ in bands],
+            [hi for _, hi in bands],
+        )
+    refs = {}
+    if report.probes:
+        refs = {
+            "teacher's own answer, test": report.probes["teacher_accuracy"]["test"],
+            f"probe ({chosen_label(report.probes)}, all labels), test": report.probes["probe_accuracy"]["test"],
+        }
+    if report.chance is not None:
+        refs["chance, test"] = report.chance
+    title = f"{report.name}: students by signal"
+    plot_data_efficiency(path, curves, references=refs, title=title)
+
+
+def save_report(report: Report) -> Path:
+    """Write RUN/report/ (report.md, results.csv, summary.csv, data_efficiency.png, layers.png) from `report`, all
+    together (complete or absent); returns the path of report.md."""
+    run = report.run
     out = run / "report"
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for c in cells:  # flatten the interval for the CSV
-            c["accuracy_ci_low"], c["accuracy_ci_high"] = c["accuracy_ci"]
-        (tmp / "results.csv").write_text(_csv(cells, CELL_COLUMNS))
-        (tmp / "summary.csv").write_text(_csv(summary, list(summary[0])))
-        curves = {}
-        for s in signals:
-            rs = [by[(s, f)] for f in fractions if (s, f) in by]
-            bands = [plot_interval(r) for r in rs]
-            curves[label(s)] = (
-                [r["fraction"] for r in rs],
-                [r["accuracy_mean"] for r in rs],
-                [lo for lo, _ in bands],
-                [hi for _, hi in bands],
-            )
-        refs = {}
-        if probes:
-            refs = {
-                "teacher's own answer, test": probes["teacher_accuracy"]["test"],
-                f"probe ({chosen_label(probes)}, all labels), test": probes["probe_accuracy"]["test"],
-            }
-        if chance is not None:
-            refs["chance, test"] = chance
-        title = f"{cfg.get('name', run.name)}: students by signal"
-        plot_data_efficiency(tmp / "data_efficiency.png", curves, references=refs, title=title)
+        (tmp / "results.csv").write_text(_csv(report.cells, CELL_COLUMNS))
+        (tmp / "summary.csv").write_text(_csv(report.summary, list(report.summary[0])))
+        if plots_available():  # the `plots` extra; without it the report is written without its PNGs
+            plot_report(tmp / "data_efficiency.png", report)
         if (run / "probes" / "layers.png").exists():
             shutil.copy(run / "probes" / "layers.png", tmp / "layers.png")
-        (tmp / "report.md").write_text("\n".join(lines))
+        (tmp / "report.md").write_text(render_markdown(report))
     return out / "report.md"
 
 
-def terminal_table(run: Path) -> str:
-    """A short table of mean test accuracy per signal and fraction, for the terminal."""
-    summary = summarize(load_cells(run))
+def write_report(run: Path) -> Path:
+    """Write RUN/report/ from the finished cells (`compute_report`, then `save_report`); returns the path of
+    report.md."""
+    return save_report(compute_report(run))
+
+
+def render_terminal(summary: list[SummaryRow]) -> str:
+    """A short table of mean test accuracy per variant (rows) and fraction (columns), for the terminal."""
     fractions = sorted({r["fraction"] for r in summary})
     signals = sorted({r["variant"] for r in summary}, key=_order)
     by = {(r["variant"], r["fraction"]): r for r in summary}
@@ -468,3 +614,9 @@ def terminal_table(run: Path) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def terminal_table(run: Path) -> str:
+    """A short table of mean test accuracy per signal and fraction, for the terminal (`render_terminal` of the
+    run's finished cells)."""
+    return render_terminal(summarize(load_cells(run)))

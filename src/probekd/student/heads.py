@@ -13,11 +13,18 @@
   memory than K full sequences. The output layer is applied only at the positions that predict option tokens.
 
 Full fine-tuning by default; LoRA through `peft` as an option (the scoring head stays fully trainable).
+
+The model is a plain `AutoModelForMultipleChoice` / `AutoModelForCausalLM`; the scoring lives in a function of the
+model and a batch (`Student.scorer`), so the trained weights save and load the standard way. The causal scorers call
+the decoder and output layer directly: they run in one process (data-parallel training of causal students would
+need their scoring inside the wrapped model's forward).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,101 +71,117 @@ def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class EncoderStudent(nn.Module):
-    """An `AutoModelForMultipleChoice` whose logits are masked to each example's options."""
+# A scorer turns a batch of `Student.collate` into K-way option logits [B, K] (masked options -inf) with the student's
+# model, which it receives as an argument: the model itself stays a plain `PreTrainedModel` (or a peft model around
+# one while LoRA trains), so `Trainer`, `save_pretrained` and `AutoModel*.from_pretrained` handle it as usual.
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **kw: Any
+def encoder_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **kw: Any
+) -> torch.Tensor:
+    """An `AutoModelForMultipleChoice`'s logits, masked to each example's options."""
+    extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
+    return _pad_options(logits, option_mask)
+
+
+@dataclass(frozen=True)
+class LetterScorer:
+    """A causal LM's logits of the option-letter tokens at the last prompt token (right padding, gathered per row);
+    only the K letter rows of the output layer are applied."""
+
+    letter_ids: tuple[int, ...]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        option_mask: torch.Tensor,
+        **_: Any,
     ) -> torch.Tensor:
-        extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
-        return _pad_options(logits, option_mask)
-
-
-class CausalLetterStudent(nn.Module):
-    """A causal LM scoring the option letters at the last prompt token (right padding, gathered per row)."""
-
-    def __init__(self, model: nn.Module, letter_ids: list[int]) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("letter_ids", torch.tensor(letter_ids), persistent=False)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, option_mask: torch.Tensor, **_: Any
-    ) -> torch.Tensor:
-        base = _base(self.model)
+        base = _base(model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(1) - 1
         final = hidden[torch.arange(len(last), device=last.device), last]
         head = base.get_output_embeddings()
-        logits = final @ head.weight[self.letter_ids].T  # only the K letter rows of the output layer
+        ids = torch.tensor(self.letter_ids, device=final.device)
+        logits = final @ head.weight[ids].T
         if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[self.letter_ids]
+            logits = logits + head.bias[ids]
         return logits.float().masked_fill(~option_mask, float("-inf"))
 
 
-class CausalOptionStudent(nn.Module):
-    """A causal LM scoring each option by the mean log-probability of its tokens after the question prefix.
+def option_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    option_mask: torch.Tensor,
+    option_ids: torch.Tensor,
+    option_attention: torch.Tensor,
+    **_: Any,
+) -> torch.Tensor:
+    """A causal LM's score of each option: the mean log-probability of its tokens after the question prefix.
 
     Inputs (see `Student.collate`): the prefixes `input_ids`/`attention_mask` [B, P] (right padding) and the
     continuations `option_ids`/`option_attention` [B, Kb, C]. The prefixes run once, their cache is repeated Kb
     times, and the continuations run on it with position ids that go on from each real prefix length."""
+    from transformers import DynamicCache
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    b, kb, c = option_ids.shape
+    base = _base(model)
+    decoder = base.get_decoder()
+    cache = DynamicCache()
+    pre = decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    plen = attention_mask.sum(1)
+    pre_last = pre.last_hidden_state[torch.arange(b, device=plen.device), plen - 1]  # predicts token 0
+    cache.batch_repeat_interleave(kb)
+    ids = option_ids.reshape(b * kb, c)
+    om = option_attention.reshape(b * kb, c)
+    hidden = decoder(
+        input_ids=ids,
+        attention_mask=torch.cat([attention_mask.repeat_interleave(kb, 0), om], 1),
+        position_ids=plen.repeat_interleave(kb)[:, None] + torch.arange(c, device=plen.device),
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    # the state predicting option token j: the prefix's last for j = 0, the continuation's j - 1 after
+    states = torch.cat([pre_last.repeat_interleave(kb, 0)[:, None], hidden[:, :-1]], 1)  # [B*Kb, C, H]
+    rows, pos = om.bool().nonzero(as_tuple=True)
+    logits = base.get_output_embeddings()(states[rows, pos]).float()  # [M, V]
+    logp = logits.gather(1, ids[rows, pos][:, None])[:, 0] - logits.logsumexp(1)
+    total = logp.new_zeros(b * kb).index_add(0, rows, logp)
+    count = om.sum(1).clamp_min(1)
+    return _pad_options((total / count).reshape(b, kb), option_mask)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        option_mask: torch.Tensor,
-        option_ids: torch.Tensor,
-        option_attention: torch.Tensor,
-        **_: Any,
-    ) -> torch.Tensor:
-        from transformers import DynamicCache
 
-        b, kb, c = option_ids.shape
-        base = _base(self.model)
-        decoder = base.get_decoder()
-        cache = DynamicCache()
-        pre = decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        plen = attention_mask.sum(1)
-        pre_last = pre.last_hidden_state[torch.arange(b, device=plen.device), plen - 1]  # predicts token 0
-        cache.batch_repeat_interleave(kb)
-        ids = option_ids.reshape(b * kb, c)
-        om = option_attention.reshape(b * kb, c)
-        hidden = decoder(
-            input_ids=ids,
-            attention_mask=torch.cat([attention_mask.repeat_interleave(kb, 0), om], 1),
-            position_ids=plen.repeat_interleave(kb)[:, None] + torch.arange(c, device=plen.device),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        # the state predicting option token j: the prefix's last for j = 0, the continuation's j - 1 after
-        states = torch.cat([pre_last.repeat_interleave(kb, 0)[:, None], hidden[:, :-1]], 1)  # [B*Kb, C, H]
-        rows, pos = om.bool().nonzero(as_tuple=True)
-        logits = base.get_output_embeddings()(states[rows, pos]).float()  # [M, V]
-        logp = logits.gather(1, ids[rows, pos][:, None])[:, 0] - logits.logsumexp(1)
-        total = logp.new_zeros(b * kb).index_add(0, rows, logp)
-        count = om.sum(1).clamp_min(1)
-        return _pad_options((total / count).reshape(b, kb), option_mask)
+Scorer = Callable[..., torch.Tensor]
 
 
 @dataclass
 class Student:
-    """A student model with its tokenizer and the function that turns examples into its inputs."""
+    """A student: its model (a `PreTrainedModel`, or a peft model around one while LoRA trains), its tokenizer, the
+    scorer that turns a batch into option logits, and how examples become its inputs (K option columns at most)."""
 
-    module: nn.Module
+    model: nn.Module
     tokenizer: Any
     cfg: StudentConfig
     k: int
+    scorer: Scorer
     template: Any = None
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Option logits [B, K] of a collated batch (masked options -inf)."""
+        return self.scorer(self.model, **batch)
+
+    def merge_lora(self, adapter_dir: Path | None = None) -> None:
+        """Fold trained LoRA adapters into the weights, so that `model` is a plain `PreTrainedModel` (what a user
+        loads with `AutoModel*`); the adapter alone is saved to `adapter_dir` first when given. No-op without LoRA."""
+        if not hasattr(self.model, "merge_and_unload"):
+            return
+        if adapter_dir is not None:
+            self.model.save_pretrained(str(adapter_dir))
+        self.model = self.model.merge_and_unload()
 
     def encode(self, ex: MCQExample) -> dict[str, list[Any]]:
         """Unpadded token ids of one example (padded to K options with empty texts for the encoder)."""
@@ -210,28 +233,51 @@ class Student:
         return out
 
 
-def load_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
-    """Build the student named by `cfg` for K options; the scoring head's initialization follows `seed`."""
-    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice, AutoTokenizer
+def assemble(model: nn.Module, tok: Any, cfg: StudentConfig, k: int, template: Any = None) -> Student:
+    """The `Student` of a loaded model and tokenizer: the scorer and prompt template `cfg` asks for (`template`, a
+    `PromptTemplate`, overrides the preset: a kept student brings the one it was trained with)."""
+    from probekd.teacher.extract import letter_token_ids
+
+    if cfg.kind == "encoder":
+        return Student(model, tok, cfg, k, encoder_logits)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    template = get_template(template or cfg.prompt, tok)
+    if cfg.formulation == "option":
+        return Student(model, tok, cfg, k, option_logits, template)
+    try:
+        ids = letter_token_ids(tok, template, k)
+    except ProbekdError as e:
+        raise ProbekdError(f"student {cfg.model}: {e}") from e
+    return Student(model, tok, cfg, k, LetterScorer(tuple(ids)), template)
+
+
+def load_hf_model(folder: Path | str, kind: StudentKind) -> nn.Module:
+    """`AutoModelForMultipleChoice` (encoder) or `AutoModelForCausalLM` from a local folder, in float32, without
+    the "newly initialized" notice (a fresh scoring head is expected)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice
     from transformers import logging as hf_logging
 
+    auto = AutoModelForMultipleChoice if kind == "encoder" else AutoModelForCausalLM
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return auto.from_pretrained(str(folder), dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def build_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
+    """A fresh student named by `cfg` for K options (LoRA adapters added if asked); the scoring head's
+    initialization follows `seed`."""
+    from transformers import AutoTokenizer
+
     from probekd.models import prepare
-    from probekd.teacher.extract import letter_token_ids
 
     folder = prepare(cfg.model)
     tok = AutoTokenizer.from_pretrained(str(folder))
     torch.manual_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialized: classifier" is expected, not news
-    try:
-        if cfg.kind == "encoder":
-            model = AutoModelForMultipleChoice.from_pretrained(str(folder), dtype=torch.float32)
-            head = ["classifier"]
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-            head = []
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    model = load_hf_model(folder, cfg.kind)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -241,19 +287,8 @@ def load_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
                 r=cfg.lora_r,
                 lora_alpha=cfg.lora_alpha,
                 target_modules="all-linear",
-                modules_to_save=head or None,
+                modules_to_save=["classifier"] if cfg.kind == "encoder" else None,
                 lora_dropout=0.0,
             ),
         )
-    if cfg.kind == "encoder":
-        return Student(EncoderStudent(model), tok, cfg, k)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    template = get_template(cfg.prompt, tok)
-    if cfg.formulation == "option":
-        return Student(CausalOptionStudent(model), tok, cfg, k, template)
-    try:
-        ids = letter_token_ids(tok, template, k)
-    except ProbekdError as e:
-        raise ProbekdError(f"student {cfg.model}: {e}") from e
-    return Student(CausalLetterStudent(model, ids), tok, cfg, k, template)
+    return assemble(model, tok, cfg, k)

@@ -1,0 +1,204 @@
+"""The kept student: what a user takes away from a run, as a standard Hugging Face folder.
+
+    MODEL_DIR/config.json, model.safetensors   `AutoModelForMultipleChoice` (encoder) or `AutoModelForCausalLM`
+                                                (causal; LoRA merged into the weights) loads it
+    MODEL_DIR/tokenizer files                  `AutoTokenizer` loads them
+    MODEL_DIR/adapter/                         LoRA students only: the adapter alone, a `peft` folder
+    MODEL_DIR/probekd.json                     how to ask it (`KeptManifest`): kind, formulation, prompt template,
+                                               number of options, and how it was made and how well it does
+    MODEL_DIR/README.md                        the model card
+
+The folder is written aside and renamed into place (`probekd.atomic`), so a kill while saving never leaves a
+folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from probekd.atomic import atomic_path, write_text
+from probekd.data.prompts import PromptTemplate
+from probekd.errors import ProbekdError
+from probekd.student.heads import Student, StudentConfig, assemble, load_hf_model
+
+MANIFEST = "probekd.json"
+FORMAT_VERSION = 1
+
+
+class KeptMetrics(BaseModel):
+    """How well the kept student does, and its teacher and probe on the same test questions."""
+
+    test_accuracy: float | None = None
+    test_accuracy_ci: list[float] | None = Field(None, description="Bootstrap 95% interval over test questions.")
+    n_test: int | None = None
+    dev_accuracy: float | None = Field(None, description="Best dev accuracy over its epochs (the one kept).")
+    teacher_test_accuracy: float | None = Field(None, description="The teacher's own answer on the same questions.")
+    probe_test_accuracy: float | None = Field(None, description="The chosen probe on the same questions.")
+
+
+class KeptManifest(BaseModel):
+    """`probekd.json`: everything needed to ask the student a question, and its provenance."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: int = Field(FORMAT_VERSION, description="Version of this file's layout.")
+    probekd_version: str = ""
+    student: StudentConfig = Field(description="Kind, formulation, max_length, base model, LoRA settings.")
+    template: PromptTemplate | None = Field(None, description="The prompt template of a causal student.")
+    num_options: int = Field(ge=2, description="Options per question it was trained for (at most).")
+    eval_batch_size: int = Field(32, ge=1, description="Questions per forward pass in its evaluation.")
+    task: str = ""
+    cell: str = Field("", description="The grid cell it comes from.")
+    run_name: str = ""
+    signal: str = Field("", description="What it was trained on: hard, teacher, teacher_calibrated, probe, ...")
+    teacher: str = ""
+    teacher_formulation: str = ""
+    probe: str | None = Field(None, description="The probe's layer and state (`layer 17`), if probes were fitted.")
+    fraction: float | None = None
+    seed: int | None = None
+    loss: str = "fkl"
+    weighting: str = "none"
+    n_labelled: int | None = Field(None, description="Labelled training questions it used.")
+    n_dev: int | None = Field(None, description="Labelled dev questions used for choosing its epoch.")
+    metrics: KeptMetrics = Field(default_factory=KeptMetrics)  # type: ignore[arg-type]
+    exported: dict[str, Any] | None = Field(None, description="Set by `probekd export`: which cell and why.")
+
+
+def save_kept(student: Student, folder: Path, manifest: KeptManifest, adapter_dir: Path | None = None) -> Path:
+    """Write `student` (LoRA already merged, see `Student.merge_lora`) as a kept-student folder at `folder`, with
+    `manifest` and a model card; `adapter_dir` (the LoRA adapter saved before merging) is moved in as `adapter/`."""
+    if hasattr(student.model, "merge_and_unload"):
+        raise ProbekdError("merge the LoRA adapters first (Student.merge_lora): the kept folder holds plain weights")
+    with atomic_path(Path(folder)) as tmp:
+        student.model.save_pretrained(str(tmp))
+        student.tokenizer.save_pretrained(str(tmp))
+        if adapter_dir is not None and Path(adapter_dir).is_dir():
+            shutil.move(str(adapter_dir), str(tmp / "adapter"))
+        (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
+    return Path(folder)
+
+
+def read_manifest(folder: Path) -> KeptManifest:
+    """The `probekd.json` of a kept student; a clear error when `folder` is not one."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ProbekdError(f"{folder} is not a folder (a kept student is RUN/students/<cell>/model/)")
+    if not path.is_file():
+        raise ProbekdError(
+            f"{folder} is not a kept probekd student: it has no {MANIFEST} (a kept student is "
+            "RUN/students/<cell>/model/, or a folder made by `probekd export`)"
+        )
+    try:
+        manifest = KeptManifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, ValidationError) as e:
+        raise ProbekdError(f"{path} is not a valid kept-student manifest: {e}") from None
+    if manifest.format > FORMAT_VERSION:
+        raise ProbekdError(f"{path} has format {manifest.format}; this probekd reads up to {FORMAT_VERSION}: upgrade")
+    return manifest
+
+
+def load_kept(folder: Path, device: str = "cpu") -> tuple[Student, KeptManifest]:
+    """A kept student, ready to predict (`probekd.predict`), and its manifest."""
+    from transformers import AutoTokenizer
+
+    manifest = read_manifest(folder)
+    model = load_hf_model(folder, manifest.student.kind).to(device)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    student = assemble(model, tok, manifest.student, manifest.num_options, manifest.template)
+    model.eval()
+    return student, manifest
+
+
+def write_manifest(folder: Path, manifest: KeptManifest) -> None:
+    """Replace a kept folder's `probekd.json` and model card (after `probekd export` records its choice)."""
+    write_text(Path(folder) / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+    write_text(Path(folder) / "README.md", model_card(manifest))
+
+
+def _acc(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def model_card(m: KeptManifest) -> str:
+    """The kept student's README.md: what it was distilled from, how, how well it does, how to use it, its limits."""
+    s = m.student
+    auto = "AutoModelForMultipleChoice" if s.kind == "encoder" else "AutoModelForCausalLM"
+    ci = m.metrics.test_accuracy_ci
+    acc = _acc(m.metrics.test_accuracy) + (f" (95% interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    how = {
+        "hard": "the gold labels alone",
+        "teacher": "the teacher's own answer probabilities (logit-KD)",
+        "teacher_calibrated": "the teacher's answer probabilities, temperature-calibrated on dev",
+        "probe": f"the probabilities of a linear probe on the teacher's hidden states ({m.probe or 'chosen on dev'}; "
+        "Probe-KD)",
+    }.get(m.signal, f"the `{m.signal}` targets")
+    weighting = "" if m.weighting == "none" else f", examples weighted by `{m.weighting}`"
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {'multiple-choice' if s.kind == 'encoder' else 'text-generation'}",
+        "tags: [probekd, knowledge-distillation, multiple-choice]",
+        "---",
+        "",
+        f"# probekd student: {m.task or 'task'} ({m.cell or 'kept student'})",
+        "",
+        f"A small `{s.kind}` student (`{s.model}`) distilled by probekd from the teacher `{m.teacher or '?'}` "
+        f"({m.teacher_formulation or '?'} formulation) on {how}, with the `{m.loss}` loss{weighting}.",
+        "",
+        "## How well it does",
+        "",
+        "| on the test questions of the run | accuracy |",
+        "|---|---|",
+        f"| this student | {acc} |",
+        f"| the teacher's own answer | {_acc(m.metrics.teacher_test_accuracy)} |",
+        f"| the probe on the teacher's states | {_acc(m.metrics.probe_test_accuracy)} |",
+        "",
+        f"Test questions: {m.metrics.n_test if m.metrics.n_test is not None else '?'}. Its epoch was chosen on dev "
+        f"(dev accuracy {_acc(m.metrics.dev_accuracy)}), never on test. Labels used: "
+        f"{m.n_labelled if m.n_labelled is not None else '?'} training + {m.n_dev if m.n_dev is not None else '?'} "
+        f"dev (labelled fraction {m.fraction if m.fraction is not None else '?'}, seed {m.seed}).",
+        "",
+    ]
+    if m.exported:
+        lines += ["## Why this student", "", str(m.exported.get("reason", "")), ""]
+    lines += [
+        "## How to use it",
+        "",
+        "```bash",
+        "probekd predict THIS_FOLDER --file questions.jsonl --out predictions.jsonl",
+        "```",
+        "",
+        "```python",
+        "import probekd",
+        "student = probekd.load_student('THIS_FOLDER')",
+        "student.predict([{'question': '...', 'options': ['...', '...', '...']}])",
+        "```",
+        "",
+        f"The weights load with `transformers.{auto}.from_pretrained(folder)`; `probekd.json` says how questions "
+        f"become its inputs ({_inputs(m)}).",
+        "",
+        "## Intended use and limits",
+        "",
+        f"Multiple-choice questions like those of `{m.task or 'its task'}`, with at most {m.num_options} options. "
+        "It was trained on a few hundred to a few thousand questions: expect its accuracy only on questions "
+        "like those, and check it on your own labelled sample before relying on it. It inherits the errors and "
+        "biases of its teacher and of the task's data.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _inputs(m: KeptManifest) -> str:
+    s = m.student
+    if s.kind == "encoder":
+        return "question and each option as a text pair, one score per option, softmax over the options"
+    if s.formulation == "option":
+        return "each option's mean token log-likelihood after the question prompt, softmax over the options"
+    return "the option letters' logits after the lettered prompt, softmax over the options"
