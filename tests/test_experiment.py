@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -42,16 +43,23 @@ def finished_run(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: py
     run = tmp_path_factory.mktemp("exp") / "run"
     cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
     results = run_experiment(cfg, run)
-    assert len(results) == 2 * 2 * 4
+    assert len(results) == 2 * 2 * 5
     write_report(run)
     return run
 
 
 def test_grid_cells_and_targets(finished_run: Path) -> None:
     cells = sorted(p.name for p in (finished_run / "students").iterdir())
-    assert len(cells) == 16 and "probe-f0.5-s1" in cells and "teacher_calibrated-f1-s0" in cells
+    assert len(cells) == 20 and "probe-f0.5-s1" in cells and "teacher_calibrated-f1-s0" in cells
     m = json.loads((finished_run / "students" / "probe-f0.5-s0" / "metrics.json").read_text())
     assert m["n_labelled"] == 20 and m["n_train_rows"] == 20  # supervised: the labelled half only
+    # grid.dev full (the default): every cell selects on the whole dev split, and says so
+    assert m["n_dev"] == 16 and m["labels_used"] == 36 and m["targets"]["n_dev"] == 16 and m["dev_policy"] == "full"
+    assert len(m["dev_accuracy_by_epoch"]) == 1 and 0 < m["dev_chance"] < 1
+    smoothed = SoftTargets.load(finished_run / "targets" / "smoothed-f0.5-s0.npz")
+    probe = SoftTargets.load(finished_run / "targets" / "probe-f0.5-s0.npz")
+    assert len(smoothed.ids) == 20 and smoothed.meta["matched_entropy"] == probe.meta["target_entropy"]
+    assert smoothed.meta["target_entropy"] == pytest.approx(probe.meta["target_entropy"], abs=2e-4)
     assert 0 <= m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1] <= 1
     assert m["targets"]["n_labelled"] == 20 and m["targets"]["layer"] in (1, 2)
     assert not list((finished_run / "students").glob("*/checkpoints"))
@@ -68,13 +76,15 @@ def test_report_files_and_tables(finished_run: Path) -> None:
         assert (report / name).stat().st_size > 0, name
     with open(report / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 16 and {r["signal"] for r in rows} == {"hard", "teacher", "teacher_calibrated", "probe"}
+    assert len(rows) == 20
+    assert {r["signal"] for r in rows} == {"hard", "smoothed", "teacher", "teacher_calibrated", "probe"}
     text = (report / "report.md").read_text()
-    assert "| fraction | hard labels | logit-KD (teacher) | calibrated logit-KD | Probe-KD |" in text
-    assert "Probe-KD against each other signal" in text and "(2) |" in text
+    header = "| fraction | hard labels | label smoothing | logit-KD (teacher) | calibrated logit-KD | Probe-KD |"
+    assert header in text and text.count(header) == 2  # the students' accuracy, and the targets on train
+    assert "Probe-KD against each other signal" in text and re.search(r"\(2(; [12] failed)?\) \|", text)
     section = text.split("Probe-KD against each other signal")[1]
     diffs = [line.split(" | ")[2] for line in section.splitlines() if line.startswith(("| 0.5 ", "| 1 "))]
-    assert len(diffs) == 6 and all(d[0] in "+-" for d in diffs), diffs  # differences carry their sign
+    assert len(diffs) == 8 and all(d[0] in "+-" for d in diffs), diffs  # differences carry their sign
     chance = np.mean([1 / e.k for e in load_task("arc_easy").splits["test"][:16]])  # a uniform guess per question
     assert f"Chance on test (a uniform guess among each question's options): {chance:.3f}." in text
 
@@ -105,7 +115,7 @@ def test_report_of_an_unfinished_grid_says_what_is_missing(finished_run: Path, t
     shutil.copytree(finished_run, run)
     (run / "students" / "probe-f1-s0" / "metrics.json").unlink()
     shutil.rmtree(run / "students" / "hard-f0.5-s1")
-    want = "Partial: 14 of the grid's 16 cells are finished (1 at fraction 0.5, 1 at fraction 1 to go;"
+    want = "Partial: 18 of the grid's 20 cells are finished (1 at fraction 0.5, 1 at fraction 1 to go;"
     assert f"**{want}" in write_report(run).read_text()
     assert unfinished(run).startswith(want)
     printed = CliRunner().invoke(app, ["report", str(run)])
@@ -115,8 +125,9 @@ def test_report_of_an_unfinished_grid_says_what_is_missing(finished_run: Path, t
 
 
 def test_report_flags_students_that_answer_almost_uniformly(finished_run: Path, tmp_path: Path) -> None:
-    """A student whose test probabilities are a uniform guess is named in report.md, with its `test_entropy` 1 in
-    results.csv; the others are below the threshold there (a tiny student trained on 16 rows can be flagged too)."""
+    """A student whose test probabilities are a uniform guess is failed and named in report.md, with its
+    `test_entropy` 1 in results.csv; every failed student is named (a tiny student trained on 16 rows can be
+    flagged too, by its entropy or by a dev accuracy that never left chance on 16 questions)."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     with np.load(run / "targets" / "answers-test.npz") as z:
@@ -124,13 +135,16 @@ def test_report_flags_students_that_answer_almost_uniformly(finished_run: Path, 
     np.save(run / "students" / "probe-f1-s0" / "test_probs.npy", mask / mask.sum(1, keepdims=True))
     text = write_report(run).read_text()
     with open(run / "report" / "results.csv") as f:
-        entropy = {
-            f"{r['signal']}-f{float(r['fraction']):g}-s{r['seed']}": float(r["test_entropy"]) for r in csv.DictReader(f)
-        }
-    assert entropy["probe-f1-s0"] == pytest.approx(1.0)
-    flagged = sorted(n for n, e in entropy.items() if e > 0.99)
-    line = next(x for x in text.splitlines() if "answer almost uniformly" in x)
-    assert line.startswith(f"**{len(flagged)} of 16 students") and all(f"`{n}`" in line for n in flagged)
+        rows = {f"{r['signal']}-f{float(r['fraction']):g}-s{r['seed']}": r for r in csv.DictReader(f)}
+    assert float(rows["probe-f1-s0"]["test_entropy"]) == pytest.approx(1.0)
+    assert "near-uniform test predictions" in rows["probe-f1-s0"]["failed_reason"]
+    for r in rows.values():
+        assert (r["failed"] == "True") == bool(r["failed_reason"])
+        if float(r["test_entropy"]) > 0.99:
+            assert r["failed"] == "True"
+    flagged = sorted(n for n, r in rows.items() if r["failed"] == "True")
+    line = next(x for x in text.splitlines() if "failed to train**" in x)
+    assert line.startswith(f"**{len(flagged)} of 20 students") and all(f"`{n}`" in line for n in flagged)
 
 
 def test_report_chance_level_follows_each_questions_options(finished_run: Path, tmp_path: Path) -> None:
@@ -161,9 +175,20 @@ def test_rerun_skips_finished_work_and_refuses_other_configs(
     saved = finished_run / "config.yaml"
     old = yaml.safe_load(saved.read_text())
     del old["student"]["formulation"]
+    for field in ("dev", "min_dev", "smoothing"):  # a run folder made before the dev policy and label smoothing
+        del old["grid"][field]
     saved.write_text(yaml.safe_dump(old))
     run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)), finished_run)
     assert marker.stat().st_mtime_ns == before
+    # but a field whose default changed is read with the default of its day: a folder recorded without
+    # `student.head` holds cross-encoder students, which today's default (the bi-encoder) would not make again
+    recorded = yaml.safe_load(saved.read_text())
+    del recorded["student"]["head"]
+    saved.write_text(yaml.safe_dump(recorded))
+    with pytest.raises(ProbekdError, match=r"finished students made with other .*differs in: student\.head"):
+        run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)), finished_run)
+    recorded["student"]["head"] = "biencoder"
+    saved.write_text(yaml.safe_dump(recorded))
 
 
 def test_student_stage_needs_no_teacher_caches(
@@ -260,6 +285,12 @@ def test_reuse_copies_what_the_new_grid_would_make_the_same(
     other_lr["train"]["learning_rate"] = 5e-4
     copied = reuse_run(finished_run, tmp_path / "lr", load_config(None, base=other_lr))
     assert copied == {"targets": ["answers-train", "answers-dev", "answers-test", "probe-f0.5-s1"], "students": []}
+
+    # another dev policy: the probes and the teacher's answers stand, no targets file or student does
+    other_dev = tiny_config(tiny_llama_dir, tiny_bert_dir, dev="proportional", min_dev=4)
+    copied = reuse_run(finished_run, tmp_path / "dev", load_config(None, base=other_dev))
+    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test"], "students": []}
+    assert (tmp_path / "dev" / "probes" / "summary.json").exists()
 
     other_probe = tiny_config(tiny_llama_dir, tiny_bert_dir)
     other_probe["probe"]["l2_grid"] = [0.5]
@@ -429,12 +460,14 @@ def test_shipped_configs_are_valid() -> None:
     assert len(paths) >= 5
     for path in paths:
         assert load_config(path).name, path
+        assert load_config(path).grid.dev == "proportional", path  # an honest label budget
     readme = (root / "README.md").read_text()
     block = readme.split("```yaml\n# my.yaml\n", 1)[1].split("```", 1)[0]
     quick = load_config(None, base=yaml.safe_load(block))
     assert quick.probe.feature == "auto" and quick.grid.signals[-1] == "probe" and quick.extract.formulation == "option"
     demo = load_config(root / "src" / "probekd" / "configs" / "demo.yaml")
     assert demo.probe.feature == "last"  # the demo pins the setting its recorded numbers were made with
+    assert demo.grid.dev == "proportional"
 
 
 def test_split_invocations_record_the_union_and_refuse_another_mode(
@@ -448,9 +481,9 @@ def test_split_invocations_record_the_union_and_refuse_another_mode(
     part = tiny_config(tiny_llama_dir, tiny_bert_dir, signals=["probe"], fractions=[1.0], seeds=[1])
     run_experiment(load_config(None, base=part), copy, stage="students")  # every cell is there: nothing trains
     grid = yaml.safe_load((copy / "config.yaml").read_text())["grid"]
-    assert sorted(grid["signals"]) == ["hard", "probe", "teacher", "teacher_calibrated"]
+    assert sorted(grid["signals"]) == ["hard", "probe", "smoothed", "teacher", "teacher_calibrated"]
     assert grid["fractions"] == [0.5, 1.0] and grid["seeds"] == [0, 1]
-    for field, value in (("mode", "semi"), ("teacher_temperature", 2.0)):
+    for field, value in (("mode", "semi"), ("teacher_temperature", 2.0), ("dev", "proportional"), ("smoothing", 0.1)):
         other = tiny_config(tiny_llama_dir, tiny_bert_dir, **{field: value})
         with pytest.raises(ProbekdError, match=rf"differs in: grid\.{field}"):
             run_experiment(load_config(None, base=other), copy, stage="students")
@@ -458,3 +491,77 @@ def test_split_invocations_record_the_union_and_refuse_another_mode(
     metrics.write_text(json.dumps(json.loads(metrics.read_text()) | {"mode": "semi"}))
     with pytest.raises(ProbekdError, match=r"hard-f0\.5-s0/metrics\.json is a semi student, this grid is supervised"):
         run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)), copy, stage="students")
+
+
+def test_proportional_dev_counts_every_label_and_trains_from_targets_alone(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`grid.dev: proportional`: a cell selects (layer, temperature, calibration, epoch) on its own share of dev, at
+    least `min_dev`; the targets file records n_dev and a cell checks it; results.csv and the report state train +
+    dev labels; the students stage still runs from RUN/targets/ alone; a run folder of another dev policy or minimum
+    is refused, naming the field (the minimum matters only under `proportional`)."""
+    grid = {"fractions": [0.25, 1.0], "seeds": [0], "signals": ["hard", "probe"], "dev": "proportional", "min_dev": 6}
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, **grid)
+    cfg = load_config(None, base=base)
+    run = tmp_path / "prop"
+    results = {r["cell"]: r for r in run_experiment(cfg, run)}
+    # 16 dev questions: ceil(0.25 * 16) = 4 < min_dev 6; fraction 1: all 16
+    assert results["probe-f0.25-s0"]["n_dev"] == 6 and results["probe-f1-s0"]["n_dev"] == 16
+    assert results["probe-f0.25-s0"]["n_labelled"] == 10 and results["probe-f0.25-s0"]["labels_used"] == 16
+    assert SoftTargets.load(run / "targets" / "probe-f0.25-s0.npz").meta["n_dev"] == 6
+    assert SoftTargets.load(run / "targets" / "hard-f1-s0.npz").meta["n_dev"] == 16
+    write_report(run)
+    table = csv.DictReader((run / "report" / "results.csv").read_text().splitlines())
+    rows = {f"{r['signal']}-f{float(r['fraction']):g}": r for r in table}
+    assert (rows["hard-f0.25"]["n_dev"], rows["hard-f0.25"]["labels_used"]) == ("6", "16")
+    assert "| 0.25 | 10 | 6 | 16 |" in (run / "report" / "report.md").read_text()
+
+    copy = tmp_path / "copy"  # as on a GPU machine: no teacher shards
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("shard-*"))
+    shutil.rmtree(copy / "students" / "probe-f0.25-s0")
+    redone = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}["probe-f0.25-s0"]
+    assert redone["accuracy"] == results["probe-f0.25-s0"]["accuracy"] and redone["n_dev"] == 6
+    assert redone["dev_accuracy_by_epoch"] == results["probe-f0.25-s0"]["dev_accuracy_by_epoch"]
+    assert not list((copy / "teacher").glob("*/shard-*"))
+
+    # a targets file made with another dev subset size is refused by the cell
+    shutil.rmtree(copy / "students" / "probe-f0.25-s0")
+    stale = SoftTargets.load(copy / "targets" / "probe-f0.25-s0.npz")
+    stale.meta["n_dev"] = 16
+    stale.save(copy / "targets" / "probe-f0.25-s0.npz")
+    with pytest.raises(ProbekdError, match=r"made with 16 dev labels, this cell uses 6 \(grid\.dev: proportional\)"):
+        run_experiment(cfg, copy, stage="students")
+
+    for change, field in (({"dev": "full"}, "grid.dev"), ({"min_dev": 3}, "grid.min_dev")):
+        other = tiny_config(tiny_llama_dir, tiny_bert_dir, **{**grid, **change})
+        with pytest.raises(ProbekdError, match=rf"differs in: {field}\b"):
+            run_experiment(load_config(None, base=other), run, stage="students")
+    full = tmp_path / "full"
+    check_run_dir(full, load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir)))
+    check_run_dir(full, load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir, min_dev=3)))  # no matter
+
+
+def test_zero_shot_is_the_untrained_student_on_the_same_questions(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path
+) -> None:
+    """Each cell's zero-shot accuracy is that of a freshly built student of its seed, predicted here by hand; the
+    cells of one seed share one computation (RUN/zero_shot/s<seed>.npz)."""
+    from probekd.experiment import examples_by_id
+    from probekd.layout import load_answers, metrics_path, zero_shot_path
+    from probekd.student.heads import build_student
+    from probekd.student.train import Rows, predict
+
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+    caches = load_answers(finished_run)
+    k = max(c.mask.shape[1] for c in caches.values())
+    examples = examples_by_id(cfg)
+    student = build_student(cfg.student, k, seed=1)
+    want = {}
+    for split in ("dev", "test"):
+        c = caches[split]
+        rows = Rows([student.encode(examples[split][i]) for i in c.ids], c.padded_mask(k), c.answers)
+        want[f"{split}_accuracy"] = float((predict(student, rows).argmax(1) == c.answers).mean())
+    for cell in ("hard-f0.5-s1", "probe-f1-s1"):
+        got = json.loads(metrics_path(finished_run, cell).read_text())["zero_shot"]
+        assert got == pytest.approx(want)
+    assert sorted(p.name for p in zero_shot_path(finished_run, 0).parent.iterdir()) == ["s0.npz", "s1.npz"]

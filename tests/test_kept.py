@@ -17,7 +17,8 @@ from probekd.errors import ProbekdError
 from probekd.experiment import prune_kept, run_experiment
 from probekd.layout import metrics_path, model_dir, student_dir
 from probekd.predict import KeptStudent, load_questions
-from probekd.student.kept import MANIFEST, read_manifest
+from probekd.student.heads import StudentConfig
+from probekd.student.kept import MANIFEST, KeptManifest, read_manifest
 from test_cli import run
 from test_experiment import tiny_config
 
@@ -198,3 +199,40 @@ def test_a_cell_without_a_kept_model_still_reports(encoder_run: Path, tmp_path: 
 
         choose(copy)
     assert "report.md" in run("report", str(copy)).stdout
+
+
+def test_biencoder_student_is_kept_with_its_learned_scale(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """A bi-encoder student saves as a plain `AutoModel` folder whose weights carry the learned scale; the kept
+    student answers as the run did; the metrics hold the zero-shot accuracy measured before training."""
+    from safetensors import safe_open
+    from transformers import AutoModel
+
+    from probekd.student.heads import LOGIT_SCALE
+
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], seeds=[0], signals=["probe"])
+    base["student"]["head"] = "biencoder"
+    base["train"]["learning_rate"] = 1e-2
+    run_dir = tmp_path / "run"
+    (metrics,) = run_experiment(load_config(None, base=base), run_dir)
+    folder = model_dir(run_dir, "probe-f1-s0")
+    assert type(AutoModel.from_pretrained(folder)).__name__ == "BertModel"
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
+        scale = float(st.get_tensor(LOGIT_SCALE).exp())
+    assert scale != pytest.approx(20.0)  # trained, and saved with the weights
+    kept = KeptStudent(folder)
+    assert float(getattr(kept.student.model, LOGIT_SCALE).detach().exp()) == pytest.approx(scale)
+    np.testing.assert_array_equal(
+        kept.probabilities(_test_questions(run_dir)), np.load(student_dir(run_dir, "probe-f1-s0") / "test_probs.npy")
+    )
+    zs = metrics["zero_shot"]
+    assert set(zs) == {"dev_accuracy", "test_accuracy"} and 0 <= zs["test_accuracy"] <= 1
+
+
+def test_a_manifest_written_before_the_biencoder_head_reads_as_a_cross_encoder() -> None:
+    """Kept students from before `student.head` existed were cross-encoders; today's default is the bi-encoder."""
+    old = KeptManifest.model_validate({"student": {"model": "minilm-l6", "kind": "encoder"}, "num_options": 4})
+    assert old.student.head == "cross"
+    new = KeptManifest.model_validate({"student": {"model": "minilm-l6", "head": "biencoder"}, "num_options": 4})
+    assert new.student.head == "biencoder" and StudentConfig().head == "biencoder"

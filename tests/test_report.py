@@ -1,27 +1,33 @@
 """The report in its three steps on a small finished grid (tiny random models): `compute_report` returns what
-`write_report` writes, `render_markdown` is report.md, `results_table` is results.csv as plain dicts, and finished
-cells without a kept student folder are counted, never a crash."""
+`write_report` writes, `render_markdown` is report.md, `results_table` is results.csv as plain dicts, finished
+cells without a kept student folder are counted, never a crash; the verdict rule on hand-made intervals; a student
+that did not learn is flagged as failed and counted in the tables."""
 
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from probekd.config import load_config
 from probekd.errors import ProbekdError
+from probekd.evaluate import chance_upper
 from probekd.experiment import run_experiment
 from probekd.layout import model_dir
 from probekd.report.report import (
     CELL_COLUMNS,
     Report,
     compute_report,
+    failure,
     render_markdown,
     render_terminal,
     results_table,
     terminal_table,
+    verdict,
     write_report,
 )
 
@@ -120,3 +126,72 @@ def test_a_run_without_finished_cells(small_run: Path, tmp_path: Path) -> None:
         compute_report(run)
     with pytest.raises(ProbekdError, match="not a run folder"):
         results_table(tmp_path / "missing")
+
+
+def test_verdict_rule_on_hand_made_intervals() -> None:
+    """Wins or loses only when every available interval excludes 0 on the same side; one favourable interval next
+    to one crossing 0 (or two on opposite sides) is a tie; a single interval decides alone; none: no interval."""
+    assert verdict([(0.01, 0.05), (0.002, 0.04)]) == "wins"
+    assert verdict([(-0.05, -0.01), (-0.04, -0.002)]) == "loses"
+    assert verdict([(0.01, 0.05), (-0.01, 0.04)]).startswith("ties")
+    assert verdict([(-0.2, 0.3), (0.02, 0.04)]).startswith("ties")  # only the bootstrap excludes 0: not "ahead"
+    assert verdict([(-0.05, -0.01), (-0.01, 0.004)]).startswith("ties")  # every seed negative, one interval crosses
+    assert verdict([(0.01, 0.05), (-0.05, -0.01)]).startswith("ties")
+    assert verdict([(0.001, 0.02)]) == "wins" and verdict([(-0.02, -0.001)]) == "loses"
+    assert verdict([(-0.02, 0.02)]) == "ties (an interval includes 0)"
+    assert verdict([(0.0, 0.02)]).startswith("ties")  # touching 0 does not exclude it
+    assert verdict([]) == "no interval"
+
+
+def test_failure_flag_by_hand() -> None:
+    """Chance's 95% upper end on n questions is the binomial 97.5% quantile over n; a best dev accuracy at or below
+    it, or near-uniform test predictions, fail the student; a student that left chance is not flagged."""
+    assert chance_upper(0.25, 100) == pytest.approx(34 / 100)  # Bin(100, 0.25): P(X > 34) < 0.025 <= P(X > 33)
+    assert chance_upper(0.25, 20) == pytest.approx(9 / 20)
+    uniform = {"best_dev_accuracy": 0.26, "test_entropy": 1.0}
+    reason = failure(uniform, 0.25, 100)
+    assert "dev accuracy never left chance (best 0.260, chance 0.250, 95% upper end 0.340 on 100 questions)" in reason
+    assert "near-uniform test predictions (normalized entropy 1.000)" in reason
+    assert failure({"best_dev_accuracy": 0.34, "test_entropy": 0.5}, 0.25, 100).startswith("dev accuracy never")
+    assert failure({"best_dev_accuracy": 0.35, "test_entropy": 0.5}, 0.25, 100) == ""
+    # on 20 dev questions 0.40 cannot be told from guessing (upper end 9 / 20); 0.50 can
+    assert failure({"best_dev_accuracy": 0.40, "test_entropy": 0.5}, 0.25, 20).startswith("dev accuracy never")
+    assert failure({"best_dev_accuracy": 0.50, "test_entropy": 0.5}, 0.25, 20) == ""
+    assert failure({"best_dev_accuracy": None, "test_entropy": None}, 0.25, 100) == ""
+
+
+def test_a_constructed_uniform_student_is_flagged_failed_and_counted(small_run: Path, tmp_path: Path) -> None:
+    """A student whose dev accuracy stayed at chance and whose test predictions are uniform is `failed` in
+    results.csv with its reasons, counted in the accuracy table and in the comparison, and named in report.md; the
+    per-cell label budget and each signal's target accuracy and entropy are reported."""
+    run = _copy(small_run, tmp_path / "run", kept=True)
+    cell = run / "students" / "probe-f1-s0"
+    with np.load(run / "targets" / "answers-test.npz") as z:
+        mask = z["mask"].astype(bool)
+    np.save(cell / "test_probs.npy", mask / mask.sum(1, keepdims=True))
+    metrics = json.loads((cell / "metrics.json").read_text())
+    metrics["best_dev_accuracy"] = metrics["dev_chance"]
+    (cell / "metrics.json").write_text(json.dumps(metrics))
+    text = write_report(run).read_text()
+    rows = {r["cell"]: r for r in results_table(run)}
+    assert rows["probe-f1-s0"]["failed"] is True
+    assert "dev accuracy never left chance" in rows["probe-f1-s0"]["failed_reason"]
+    assert "near-uniform test predictions" in rows["probe-f1-s0"]["failed_reason"]
+    written = {f"{r['signal']}-s{r['seed']}": r for r in _csv_rows(run)}
+    assert written["probe-s0"]["failed"] == "True" and written["probe-s0"]["failed_reason"]
+    for name, row in written.items():
+        assert int(row["labels_used"]) == int(row["n_labelled"]) + int(row["n_dev"]) == 24 + 12, name
+        assert float(row["dev_chance_upper"]) > 0.25
+    failed = [r for r in rows.values() if r["failed"]]
+    line = next(x for x in text.splitlines() if "failed to train**" in x)
+    assert line.startswith(f"**{len(failed)} of 4 students failed to train**") and "`probe-f1-s0`" in line
+    n_probe = sum(r["failed"] for r in failed if r["signal"] == "probe")
+    n_hard = sum(r["failed"] for r in failed if r["signal"] == "hard")
+    assert f"(2; {n_probe} failed) |" in text.split("## Student test accuracy")[1].split("\n\n")[1]
+    comparison = next(x for x in text.splitlines() if x.startswith("| 1 | hard labels |"))
+    assert f"| 2 | {n_probe} / {n_hard} |" in comparison
+    assert compute_report(run).comparisons[0]["failed_a"] == n_probe
+    assert "| 1 | 24 | 12 | 36 |" in text  # the label budget: train + dev
+    targets = text.split("## Targets on train")[1]
+    hard_row = next(x for x in targets.splitlines() if x.startswith("| 1 |"))
+    assert hard_row.startswith("| 1 | 1.000 / 0.000 |")

@@ -40,12 +40,16 @@ def rows_for(student, exs: list[MCQExample], k: int, soft: bool = True) -> Rows:
     return Rows([student.encode(e) for e in exs], m, y, targets)
 
 
-@pytest.mark.parametrize(("kind", "formulation"), [("encoder", "letter"), ("causal", "letter"), ("causal", "option")])
+@pytest.mark.parametrize(
+    ("kind", "formulation", "head"),
+    [("encoder", "letter", "cross"), ("encoder", "letter", "biencoder"), ("causal", "letter", "cross"),
+     ("causal", "option", "cross")],
+)  # fmt: skip
 def test_student_learns_and_loss_goes_down(
-    kind: str, formulation: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+    kind: str, formulation: str, head: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     folder = tiny_bert_dir if kind == "encoder" else tiny_llama_dir
-    cfg_s = StudentConfig(model=str(folder), kind=kind, formulation=formulation, prompt="base")
+    cfg_s = StudentConfig(model=str(folder), kind=kind, formulation=formulation, prompt="base", head=head)
     student = build_student(cfg_s, k=4, seed=0)
     # a tiny random causal LM cannot learn to map a word's position to its letter in a few steps: for it the
     # answer sits at one position, which it must learn from the targets
@@ -298,3 +302,31 @@ def test_tied_head_notice_drops_only_the_tied_output_layer(tiny_tied_llama_dir: 
     assert untied.filter(record(["lm_head.weight"]))
     other = logging.LogRecord("transformers.trainer", logging.WARNING, "", 0, "something else", None, None)
     assert tied.filter(other)
+
+
+def test_biencoder_scores_are_scaled_cosines_of_mean_pooled_texts(tiny_bert_dir: Path) -> None:
+    """Batched and padded bi-encoder logits equal s * cos(mean of the question's token states, mean of the option's),
+    each text run alone through the encoder; missing options are -inf; the scale is a trainable parameter."""
+    from probekd.student.heads import LOGIT_SCALE
+
+    student = build_student(StudentConfig(model=str(tiny_bert_dir), head="biencoder"), k=5)
+    exs = [
+        MCQExample("a", "Which is a mammal?", ("dog", "a small green frog", "ant"), 0),
+        MCQExample("b", "What gives plants energy?", ("sun", "water", "heat", "light of the moon", "soil"), 3),
+    ]
+    rows = rows_for(student, exs, 5, soft=False)
+    batch = student.collate([rows[0], rows[1]])
+    scale = getattr(student.model, LOGIT_SCALE)
+    assert scale.requires_grad and float(scale.detach().exp()) == pytest.approx(20.0)
+
+    def embed(text: str) -> torch.Tensor:
+        ids = student.tokenizer(text, return_tensors="pt")
+        return student.model(**ids).last_hidden_state[0].mean(0)
+
+    with torch.no_grad():
+        got = student.logits({k: v for k, v in batch.items() if k not in ("targets", "weights", "labels")})
+        for i, ex in enumerate(exs):
+            q = embed(ex.question)
+            want = torch.stack([20.0 * torch.nn.functional.cosine_similarity(q, embed(o), dim=0) for o in ex.options])
+            torch.testing.assert_close(got[i, : ex.k], want, atol=1e-4, rtol=1e-4)
+    assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()

@@ -257,14 +257,14 @@ def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") ->
 
 def _best_kept(run: Path) -> tuple[Path, str, int | None] | None:
     """The best-dev kept student's folder, its task and the run's test limit (None when none was kept)."""
-    from probekd.config import load_config
+    from probekd.config import load_config, recorded_config
     from probekd.exporter import choose
 
     try:
         chosen, _ = choose(run)
     except ProbekdError:
         return None
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(None, base=recorded_config(run / "config.yaml"))
     return chosen.folder, cfg.task, cfg.limit.get("test")
 
 
@@ -314,6 +314,43 @@ def run(
             f"reused from {source}: {len(copied['targets'])} targets files, {len(copied['students'])} finished students"
         )
     _run_and_report(cfg, run_dir, overwrite, stage.value)
+
+
+@app.command("tune")
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML run configuration; its `tune:` section sets the search.")],
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: runs/<config file name>).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set tune.trials=4 (repeatable).")
+    ] = None,
+    write_config: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the configuration with the chosen recipes (default: RUN/tune/tuned.yaml)."),
+    ] = None,
+) -> None:
+    """Choose each signal's training recipe on dev (never test): the same trials for every signal; writes
+    RUN/tune/summary.json and a configuration with the chosen recipes (`train_by_signal`) to run the grid with."""
+    from probekd.atomic import write_text
+    from probekd.config import dump_config, load_config
+    from probekd.tune import run_tune, tuned_overrides
+
+    cfg = load_config(config, set_)
+    run_dir = out or Path("runs") / config.stem
+    summary = run_tune(cfg, run_dir)
+    rows = [["signal", "trial", "learning_rate", "epochs", "warmup", "weight_decay", "dev accuracy", ""]]
+    for signal, s in summary["signals"].items():
+        for t in s["trials"]:
+            r = t["recipe"]
+            rows.append(
+                [signal, str(t["trial"]), f"{r['learning_rate']:.3g}", f"{r['epochs']:g}", f"{r['warmup_ratio']:g}",
+                 f"{r['weight_decay']:g}", f"{t['score']:.3f}", "chosen" if t["trial"] == s["chosen"] else ""]
+            )  # fmt: skip
+    _print_table(rows)
+    tuned = cfg.model_copy(update={"train_by_signal": cfg.train_by_signal | tuned_overrides(summary)})
+    path = write_config or run_dir / "tune" / "tuned.yaml"
+    write_text(path, dump_config(tuned))
+    typer.echo(f"tuned configuration: {path}")
+    typer.echo(f"run the grid with it: probekd run {path} --out {run_dir}")
 
 
 @app.command("report")

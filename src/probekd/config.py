@@ -15,10 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from probekd.errors import ConfigError
 from probekd.layout import Cell
 from probekd.probes.pipeline import ProbeConfig
-from probekd.student.heads import StudentConfig
+from probekd.student.heads import StudentConfig, recorded_student
 from probekd.student.train_config import TrainConfig, check_loss, check_loss_options
 from probekd.targets import SIGNALS
 from probekd.teacher.pipeline import ExtractConfig
+from probekd.tune import TUNED_FIELDS, TuneConfig
 from probekd.weighting import Scheme
 
 SPLITS = ("train", "dev", "test")
@@ -72,6 +73,22 @@ class GridConfig(BaseModel):
         "training split as an unlabelled pool, with the probe's or teacher's targets and no gold label.",
     )
     teacher_temperature: float = Field(1.0, gt=0, description="Temperature of the `teacher` signal's softmax.")
+    smoothing: float | Literal["match_probe"] = Field(
+        "match_probe",
+        description="The `smoothed` signal's weight eps in (1 - eps) one-hot + eps uniform: a number in [0, 1], or "
+        "`match_probe` (the default): per cell, the weight whose targets are as soft as that cell's probe targets "
+        "(equal mean normalized entropy on the labelled training rows), so the two differ only in what the probe "
+        "knows.",
+    )
+    dev: Literal["full", "proportional"] = Field(
+        "full",
+        description="Dev labels a cell may use to choose its probe layer, temperatures, calibration and student "
+        "epoch: `full` (the whole dev split, every cell) or `proportional` (the cell's labelled fraction of dev, "
+        "nested and seeded like the training subset, at least `min_dev` questions): the honest label budget of a "
+        "low-data cell. The shipped experiment configs use `proportional`; `full` is the default for run folders "
+        "made before the field existed.",
+    )
+    min_dev: int = Field(20, ge=1, description="Under `dev: proportional`, the fewest dev questions a cell uses.")
     losses: list[str] | None = Field(
         None, description="Loss axis (values of train.loss, e.g. [fkl, akl, 'fkl>rkl']); default: train.loss alone."
     )
@@ -99,6 +116,13 @@ class GridConfig(BaseModel):
     @classmethod
     def _losses(cls, v: list[str] | None) -> list[str] | None:
         return None if v is None else list(dict.fromkeys(check_loss(x) for x in v))
+
+    @field_validator("smoothing")
+    @classmethod
+    def _smoothing(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and not 0 <= v <= 1:
+            raise ValueError(f"a smoothing weight must be in [0, 1] (or `match_probe`), got {v}")
+        return v
 
     @field_validator("fractions")
     @classmethod
@@ -132,6 +156,40 @@ class RunConfig(BaseModel):
     student: StudentConfig = Field(default_factory=StudentConfig)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
     grid: GridConfig = Field(default_factory=GridConfig)  # type: ignore[arg-type]
+    train_by_signal: dict[str, dict[str, float]] = Field(
+        {},
+        description="Per signal, `train` fields that differ from `train` for that signal's students, e.g. "
+        "{probe: {learning_rate: 1e-4, epochs: 4}}; written by `probekd tune` (the recipe chosen on dev). "
+        f"Fields: {', '.join(TUNED_FIELDS)}.",
+    )
+    tune: TuneConfig = Field(default_factory=TuneConfig)  # type: ignore[arg-type]
+
+    @field_validator("train_by_signal")
+    @classmethod
+    def _train_by_signal(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for signal, fields in v.items():
+            if signal not in SIGNALS:
+                raise ValueError(f"unknown signal {signal!r}; known: {list(SIGNALS)}")
+            bad = [k for k in fields if k not in TUNED_FIELDS]
+            if bad:
+                raise ValueError(f"{signal}: fields {bad} cannot be set per signal; these can: {list(TUNED_FIELDS)}")
+        return v
+
+    def train_for(self, signal: str) -> TrainConfig:
+        """The training settings of `signal`'s students: `train` with that signal's `train_by_signal` entry."""
+        fields = self.train_by_signal.get(signal)
+        if not fields:
+            return self.train
+        return TrainConfig.model_validate(self.train.model_dump() | fields)
+
+    @model_validator(mode="after")
+    def _recipes_are_valid(self) -> RunConfig:
+        for signal in self.train_by_signal:
+            try:
+                self.train_for(signal)
+            except ValidationError as e:
+                raise ValueError(f"train_by_signal.{signal}: {_describe(e, 'the tuned recipe')}") from None
+        return self
 
     @model_validator(mode="after")
     def _loss_options_fit_every_loss(self) -> RunConfig:
@@ -207,6 +265,16 @@ def load_config(path: Path | None, overrides: list[str] | None = None, base: dic
         return RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
+
+
+def recorded_config(path: Path) -> dict[str, Any]:
+    """A run folder's RUN/config.yaml as a mapping (not validated), with the defaults of the day it was written
+    where a field has changed its default since (`recorded_student`): a run made before a field existed is
+    compared and resumed as what it was."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(tree, dict) and isinstance(tree.get("student"), dict):
+        tree["student"] = recorded_student(tree["student"])
+    return tree
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -76,3 +76,12 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float]:
         return float(x.mean()) if x.size else float("nan"), float("nan")
     half = stats.t.ppf((1 + level) / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
     return float(x.mean()), float(half)
+
+
+def chance_upper(chance: float, n: int, level: float = 0.95) -> float:
+    """The upper end of the central `level` binomial interval of a uniform guesser's accuracy on `n` questions
+    (mean chance `chance`): the smallest accuracy k / n with P(X > k) <= (1 - level) / 2 for X ~ Bin(n, chance).
+    An accuracy at or below it cannot be told from guessing on those questions."""
+    if n < 1:
+        return float("nan")
+    return float(stats.binom.ppf((1 + level) / 2, n, chance)) / n

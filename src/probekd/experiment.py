@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from probekd.atomic import write_json, write_text
-from probekd.config import RunConfig, dump_config
+from probekd.atomic import write_json, write_npz, write_text
+from probekd.config import GridConfig, RunConfig, dump_config, recorded_config
 from probekd.data.examples import MCQExample
 from probekd.data.prompts import PromptTemplate
 from probekd.errors import ProbekdError
@@ -41,18 +41,24 @@ from probekd.layout import (
     save_answers,
     student_dir,
     targets_path,
+    zero_shot_path,
 )
 from probekd.probes.pipeline import load_inputs, run_probes
 from probekd.probes.select import chosen_label
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
-from probekd.targets import SoftTargets, labelled_subset, signal_targets
+from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
+from probekd.tune import TUNED_FIELDS
 
 log = logging.getLogger(__name__)
 
-# Sections whose change makes a run directory's artifacts stale (the grid may grow: new cells are added).
-_FIXED_SECTIONS = ("task", "teacher", "limit", "extract", "probe", "student", "train")
-_FIXED_GRID = ("mode", "teacher_temperature")  # grid fields that change what a cell of a given name holds
+# Sections whose change makes a run directory's artifacts stale (the grid may grow: new cells are added); the
+# targets depend on the first five, a student also on the rest (`cell_training`).
+TARGET_SECTIONS = ("task", "teacher", "limit", "extract", "probe")
+_STUDENT_SECTIONS = ("student", "train", "train_by_signal")
+_FIXED_SECTIONS = (*TARGET_SECTIONS, *_STUDENT_SECTIONS)
+# grid fields that change what a cell of a given name holds (`min_dev` only under `dev: proportional`)
+_FIXED_GRID = ("mode", "teacher_temperature", "smoothing", "dev", "min_dev")
 
 
 def config_differences(
@@ -68,7 +74,32 @@ def config_differences(
         elif a != b:
             diff.append(section)
     old_grid = old.get("grid") if isinstance(old.get("grid"), dict) else {}
-    return diff + [f"grid.{k}" for k in _FIXED_GRID if k in old_grid and old_grid[k] != new["grid"][k]]
+    fixed = [k for k in _FIXED_GRID if k != "min_dev" or new["grid"].get("dev") == "proportional"]
+    return diff + [f"grid.{k}" for k in fixed if k in old_grid and old_grid[k] != new["grid"][k]]
+
+
+def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
+    """The student and training settings one grid cell's student is made with (those it does not read left out):
+    `train` with the signal's tuned recipe (`train_by_signal`), the cell's loss and weighting scheme; `switch_at`
+    only under a two-stage loss, the weighting's other fields only when it is weighted."""
+    train = cfg.train_for(cell.signal).model_dump(mode="json")
+    train["loss"] = cell.loss
+    if ">" not in cell.loss:
+        del train["switch_at"]
+    if cell.weighting == "none":
+        del train["weighting"]
+    else:
+        train["weighting"]["scheme"] = cell.weighting
+    return {"student": cfg.student.model_dump(mode="json"), "train": train}
+
+
+def _changed_students(run: Path, old: RunConfig, new: RunConfig) -> list[str]:
+    """The finished students of `run` (made under `old`) that `new` would train otherwise."""
+    return [
+        c.name
+        for c in old.cells()
+        if metrics_path(run, c.name).exists() and cell_training(old, c) != cell_training(new, c)
+    ]
 
 
 def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
@@ -76,14 +107,14 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
 
     The grid's axes may grow between invocations (one process per signal, a fraction added later): the recorded
     RUN/config.yaml keeps the union of every invocation's fractions, seeds, signals, losses and weightings, so it
-    describes the whole directory. `grid.mode` and `grid.teacher_temperature` change what a cell of a given name
-    holds, so they must match like the fixed sections."""
+    describes the whole directory. `grid.mode`, `grid.teacher_temperature`, `grid.smoothing` and the dev policy
+    (`grid.dev`, `grid.min_dev`) change what a cell of a given name holds, so they must match like the fixed
+    sections. The student and training settings may change while no finished student was made with them (after
+    `probekd tune`, which trains in RUN/tune/, a run applies the chosen recipes in the same folder)."""
     path = run / "config.yaml"
     recorded = cfg
     if path.exists() and not overwrite:
-        import yaml
-
-        old = yaml.safe_load(path.read_text()) or {}
+        old = recorded_config(path)
         # fields added to the schema since (with their defaults) are no difference; if the old config no longer
         # validates, it is compared as written (a field that no longer exists shows as a difference)
         old_cfg = None
@@ -91,6 +122,15 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
             old_cfg = RunConfig.model_validate(old)
             old = old_cfg.model_dump(mode="json")
         diff = config_differences(old, cfg.model_dump(mode="json"))
+        if old_cfg is not None and diff and all(d.partition(".")[0] in _STUDENT_SECTIONS for d in diff):
+            changed = _changed_students(run, old_cfg, cfg)
+            if changed:
+                raise ProbekdError(
+                    f"{run} holds finished students made with other student or training settings (differs in: "
+                    f"{', '.join(diff)}; students: {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); "
+                    "use another output folder (`--reuse` copies what stays the same), or --overwrite"
+                )
+            diff = []
         if diff:
             raise ProbekdError(
                 f"{run} was made with another configuration (differs in: {', '.join(diff)}); "
@@ -125,11 +165,14 @@ def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"grid": grid})
 
 
-def _examples_by_id(cfg: RunConfig) -> dict[str, dict[str, MCQExample]]:
+def examples_by_id(
+    cfg: RunConfig, splits: tuple[str, ...] = ("train", "dev", "test")
+) -> dict[str, dict[str, MCQExample]]:
+    """The task's questions of `splits`, by id (a split the task lacks is left out)."""
     from probekd.data import load_task
 
     loaded = load_task(cfg.task)
-    return {s: {e.id: e for e in loaded.splits[s]} for s in ("train", "dev", "test") if s in loaded.splits}
+    return {s: {e.id: e for e in loaded.splits[s]} for s in splits if s in loaded.splits}
 
 
 def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
@@ -139,6 +182,19 @@ def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
     lab_ids = [i for i, ok in zip(train.ids, lab_all, strict=True) if ok]
     labelled[np.flatnonzero(lab_all)] = labelled_subset(lab_ids, fraction, seed)
     return labelled
+
+
+def dev_labelled(dev: TeacherCache, grid: GridConfig, fraction: float, seed: int) -> np.ndarray:
+    """The dev rows whose gold label a cell may use for selection (bool [N_dev]): every labelled row under
+    `grid.dev: full`; under `proportional`, the cell's fraction of them (`probekd.targets.dev_subset`, at least
+    `grid.min_dev`)."""
+    lab_all = dev.answers >= 0
+    if grid.dev == "full":
+        return lab_all
+    keep = np.zeros(len(dev.ids), dtype=bool)
+    lab_ids = [i for i, ok in zip(dev.ids, lab_all, strict=True) if ok]
+    keep[np.flatnonzero(lab_all)] = dev_subset(lab_ids, fraction, seed, grid.min_dev)
+    return keep
 
 
 def _student_inputs_there(run: Path) -> bool:
@@ -194,12 +250,16 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
         extract_task(cfg.task, cfg.teacher, run, ["train", "dev"], cfg.extract, cfg.limit, overwrite)
         caches, _, layer_idx = load_inputs(run, cfg.probe, ("train", "dev"))
         _check_same_answers(run, caches)
-    done: dict[tuple[str, bytes], str] = {}  # (signal, labelled rows) -> a cell with those targets
+    # the probe's targets first: `smoothed` (matched to their entropy) reads those of its own labels
+    cells.sort(key=lambda c: c.signal != "probe")
+    done: dict[tuple[str, bytes, bytes], str] = {}  # (signal, labelled rows, dev rows) -> a cell with those targets
     for n, cell in enumerate(cells, 1):
         signal, fraction, seed, name = cell.signal, cell.fraction, cell.seed, cell.targets_name
         path = targets_path(run, name)
         labelled = _labelled(caches["train"], fraction, seed)
-        key = (signal, np.packbits(labelled).tobytes())  # e.g. every seed at fraction 1 labels the same rows
+        dev_rows = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
+        # e.g. every seed at fraction 1 labels the same rows
+        key = (signal, np.packbits(labelled).tobytes(), np.packbits(dev_rows).tobytes())
         if path.exists():
             done.setdefault(key, name)
             continue
@@ -211,8 +271,14 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
             continue
         log.info("targets %d/%d: %s", n, len(cells), name)
         t0 = time.perf_counter()
-        made = signal_targets(signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature)["train"]
+        probe_path = targets_path(run, Cell("probe", fraction, seed).targets_name)
+        made = signal_targets(
+            signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature,
+            dev_labelled=dev_rows, smoothing=cfg.grid.smoothing,
+            probe_targets=SoftTargets.load(probe_path) if signal == "smoothed" and probe_path.exists() else None,
+        )["train"]  # fmt: skip
         made.meta["n_labelled"] = int(labelled.sum())
+        made.meta["n_dev"] = int(dev_rows.sum())  # the dev labels that chose its layer, temperature, calibration
         made.meta["seconds"] = round(time.perf_counter() - t0, 2)
         made.save(path)
         done[key] = name
@@ -227,8 +293,7 @@ def run_cell(
     probe_test: np.ndarray,
 ) -> dict[str, Any]:
     """Training and evaluation of one grid cell from its targets file; returns (and writes) its metrics."""
-    from probekd.student.heads import build_student
-    from probekd.student.train import Rows, predict, train_student
+    from probekd.student.train import predict, train_student
 
     signal, fraction, seed, loss, weighting = cell.signal, cell.fraction, cell.seed, cell.loss, cell.weighting
     name = cell.name
@@ -242,6 +307,84 @@ def run_cell(
             )
         return done
     t0 = time.perf_counter()
+    student, train_rows, dev_rows, info = prepare_cell(run, cfg, cell, caches, examples)
+    test = caches["test"]
+    kmax = student.k
+    test_rows = _rows(student, examples["test"], test.ids, test.padded_mask(kmax), test.answers)
+    zero_shot = zero_shot_accuracy(run, cfg, cell, student, caches, examples, info["dev_ids"])
+    recipe = cfg.train_for(signal)
+    train_cfg = recipe.model_copy(
+        update={"loss": loss, "weighting": recipe.weighting.model_copy(update={"scheme": weighting})}
+    )
+    history = train_student(
+        student, train_rows, dev_rows, train_cfg, out / "checkpoints", seed,
+        log_file=log_path(run, name), description=f"student {name}",
+    )  # fmt: skip
+    adapter = out / ".adapter-partial"  # the LoRA adapter alone, moved into the kept folder
+    shutil.rmtree(adapter, ignore_errors=True)
+    student.merge_lora(adapter if cfg.grid.keep_students != "none" else None)
+    # the test predictions come from the merged weights the kept folder holds, so `probekd predict` on it agrees
+    probs = predict(student, test_rows, cfg.train.eval_batch_size)
+    others = {"teacher": test.teacher_predictions(), "probe": probe_test}
+    metrics = classification_metrics(probs, test.answers, others, seed=seed)
+    dev_acc = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
+    n_labelled, n_dev = info["n_labelled"], info["n_dev"]
+    metrics.update(
+        {
+            "cell": name,
+            "signal": signal,
+            "fraction": fraction,
+            "seed": seed,
+            "loss": loss,
+            "weighting": weighting,
+            "weights": [h["weighting"] for h in history if "weighting" in h],
+            "mode": cfg.grid.mode,
+            "n_train_rows": len(train_rows),
+            "n_labelled": n_labelled,
+            "n_dev": n_dev,
+            "labels_used": n_labelled + n_dev,
+            "dev_policy": cfg.grid.dev,
+            "dev_chance": info["dev_chance"],
+            "best_dev_accuracy": max(dev_acc) if dev_acc else None,
+            "dev_accuracy_by_epoch": dev_acc,
+            "zero_shot": zero_shot,
+            "train": train_cfg.model_dump(mode="json", include={"epochs", "batch_size", *TUNED_FIELDS}),
+            "targets": info["targets_meta"],
+            "config_fingerprint": fingerprint({k: cfg.model_dump(mode="json")[k] for k in _FIXED_SECTIONS}),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "test_probs.npy", probs)
+    if cfg.grid.keep_students != "none":
+        manifest = kept_manifest(run, cfg, cell, metrics, kmax, n_dev, others, test.answers, student.template)
+        save_kept(student, model_dir(run, name), manifest, adapter)
+    shutil.rmtree(adapter, ignore_errors=True)
+    write_json(metrics_path(run, name), metrics)  # last: its presence marks the cell done
+    return metrics
+
+
+def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: np.ndarray, gold: np.ndarray,
+          soft: np.ndarray | None = None) -> Any:  # fmt: skip
+    """The student's encoded inputs of questions `ids` (`probekd.student.train.Rows`)."""
+    from probekd.student.train import Rows
+
+    return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft)
+
+
+def prepare_cell(
+    run: Path,
+    cfg: RunConfig,
+    cell: Cell,
+    caches: dict[str, TeacherCache],
+    examples: dict[str, dict[str, MCQExample]],
+) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """What training one grid cell's student needs, from its targets file and the train and dev caches (never
+    test): a fresh student, its training rows, the cell's own dev rows (they choose its epoch), and facts for its
+    metrics (`n_labelled`, `n_dev`, `dev_chance`, `targets_meta`). Shared by the grid and `probekd tune`."""
+    from probekd.student.heads import build_student
+
+    signal, fraction, seed = cell.signal, cell.fraction, cell.seed
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
     labelled = _labelled(train, fraction, seed)
@@ -254,6 +397,14 @@ def run_cell(
             f"{path} was made from {targets.meta.get('n_labelled')} labelled rows, this cell has "
             f"{int(labelled.sum())}; redo the targets stage with --overwrite"
         )
+    dev_rows_used = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
+    n_dev = int(dev_rows_used.sum())
+    made_dev = targets.meta.get("n_dev", int((caches["dev"].answers >= 0).sum()))  # older files: the full dev
+    if made_dev != n_dev:
+        raise ProbekdError(
+            f"{path} was made with {made_dev} dev labels, this cell uses {n_dev} (grid.dev: {cfg.grid.dev}); "
+            "redo the targets stage with --overwrite"
+        )
     # rows the student trains on: the labelled subset, plus the unlabelled pool in semi-supervised mode when the
     # signal labels it (hard targets exist only for labelled rows)
     have = set(targets.ids)
@@ -264,59 +415,56 @@ def run_cell(
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
     student = build_student(cfg.student, kmax, seed)
+    train_rows = _rows(student, examples["train"], ids, mask, gold, soft)
+    dev = caches["dev"]
+    dev_idx = np.flatnonzero(dev_rows_used)
+    dev_rows = _rows(student, examples["dev"], [dev.ids[i] for i in dev_idx], dev.padded_mask(kmax)[dev_idx],
+                     dev.answers[dev_idx])  # fmt: skip
+    log.info("cell %s: %d training rows (%d labelled), signal %s", cell.name, len(ids), int((gold >= 0).sum()), signal)
+    info = {
+        "n_labelled": int((gold >= 0).sum()),
+        "n_dev": n_dev,
+        "dev_chance": float(np.mean(1.0 / np.maximum(dev.mask[dev_idx].sum(1), 1))) if n_dev else None,
+        "targets_meta": targets.meta,
+        "dev_ids": [dev.ids[i] for i in dev_idx],
+    }
+    return student, train_rows, dev_rows, info
 
-    def rows_of(split: str, split_ids: list[str], m: np.ndarray, y: np.ndarray, t: np.ndarray | None = None) -> Rows:
-        return Rows([student.encode(examples[split][i]) for i in split_ids], m, y, t)
 
-    train_rows = rows_of("train", ids, mask, gold, soft)
-    dev, test = caches["dev"], caches["test"]
-    dev_rows = rows_of("dev", dev.ids, dev.padded_mask(kmax), dev.answers)
-    log.info("cell %s: %d training rows (%d labelled), signal %s", name, len(ids), int((gold >= 0).sum()), signal)
-    train_cfg = cfg.train.model_copy(
-        update={"loss": loss, "weighting": cfg.train.weighting.model_copy(update={"scheme": weighting})}
-    )
-    history = train_student(
-        student, train_rows, dev_rows, train_cfg, out / "checkpoints", seed,
-        log_file=log_path(run, name), description=f"student {name}",
-    )  # fmt: skip
-    adapter = out / ".adapter-partial"  # the LoRA adapter alone, moved into the kept folder
-    shutil.rmtree(adapter, ignore_errors=True)
-    student.merge_lora(adapter if cfg.grid.keep_students != "none" else None)
-    # the test predictions come from the merged weights the kept folder holds, so `probekd predict` on it agrees
-    test_mask = test.padded_mask(kmax)
-    test_rows = rows_of("test", test.ids, test_mask, test.answers)
-    probs = predict(student, test_rows, cfg.train.eval_batch_size)
-    others = {"teacher": test.teacher_predictions(), "probe": probe_test}
-    metrics = classification_metrics(probs, test.answers, others, seed=seed)
-    dev_acc = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
-    metrics.update(
-        {
-            "cell": name,
-            "signal": signal,
-            "fraction": fraction,
-            "seed": seed,
-            "loss": loss,
-            "weighting": weighting,
-            "weights": [h["weighting"] for h in history if "weighting" in h],
-            "mode": cfg.grid.mode,
-            "n_train_rows": len(ids),
-            "n_labelled": int((gold >= 0).sum()),
-            "best_dev_accuracy": max(dev_acc) if dev_acc else None,
-            "dev_accuracy_by_epoch": dev_acc,
-            "targets": targets.meta,
-            "config_fingerprint": fingerprint({k: cfg.model_dump(mode="json")[k] for k in _FIXED_SECTIONS}),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "test_probs.npy", probs)
-    if cfg.grid.keep_students != "none":
-        n_dev = int((dev.answers >= 0).sum())
-        manifest = kept_manifest(run, cfg, cell, metrics, kmax, n_dev, others, test.answers, student.template)
-        save_kept(student, model_dir(run, name), manifest, adapter)
-    shutil.rmtree(adapter, ignore_errors=True)
-    write_json(metrics_path(run, name), metrics)  # last: its presence marks the cell done
-    return metrics
+def zero_shot_accuracy(
+    run: Path,
+    cfg: RunConfig,
+    cell: Cell,
+    student: Any,
+    caches: dict[str, TeacherCache],
+    examples: dict[str, dict[str, MCQExample]],
+    dev_ids: list[str],
+) -> dict[str, float | None]:
+    """The student's accuracy before any training, on the cell's dev questions (`dev_ids`) and on test: its
+    pretrained judgement (a bi-encoder's cosines, a causal student's option likelihoods; a fresh cross-encoder head
+    is at chance). A trained student below it has unlearned what it knew. The untrained student depends on the
+    student settings and the seed only, so its probabilities on every dev and test question are computed once per
+    seed (RUN/zero_shot/s<seed>.npz) and shared by the cells."""
+    from probekd.student.train import predict
+
+    path = zero_shot_path(run, cell.seed)
+    key = fingerprint({"student": cfg.student.model_dump(mode="json"), "k": student.k})
+    saved = dict(np.load(path)) if path.exists() else {}
+    same_ids = all(saved.get(f"{s}_ids", np.array([])).tolist() == caches[s].ids for s in ("dev", "test"))
+    if str(saved.get("key", "")) != key or not same_ids:
+        saved = {"key": np.array(key)}
+        for split in ("dev", "test"):
+            c = caches[split]
+            rows = _rows(student, examples[split], c.ids, c.padded_mask(student.k), c.answers)
+            saved[f"{split}_ids"] = np.array(c.ids)
+            saved[f"{split}_correct"] = predict(student, rows, cfg.train.eval_batch_size).argmax(1) == c.answers
+        write_npz(path, **saved)
+    out: dict[str, float | None] = {}
+    for split, ids in (("dev", dev_ids), ("test", None)):
+        c = caches[split]
+        keep = (c.answers >= 0) & (np.isin(saved[f"{split}_ids"], ids) if ids is not None else True)
+        out[f"{split}_accuracy"] = float(saved[f"{split}_correct"][keep].mean()) if keep.any() else None
+    return out
 
 
 def kept_manifest(
@@ -406,7 +554,7 @@ def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage:
     else:
         check_run_dir(run, cfg)
     caches = load_answers(run)
-    examples = _examples_by_id(cfg)
+    examples = examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
     cells = cfg.cells()

@@ -9,6 +9,7 @@
     RUN/students/<cell>/test_probs.npy     its probabilities on the test questions
     RUN/students/<cell>/model/             the kept student: a standard Hugging Face folder (`probekd.student.kept`)
     RUN/logs/<cell>.jsonl                  the trainer's per-step logs of that student
+    RUN/zero_shot/s<seed>.npz              the untrained student's dev and test probabilities (per seed)
     RUN/report/                            `probekd report`
 
 The experiment, the report, reuse and export all read paths from here, never from each other.
@@ -92,6 +93,11 @@ def model_dir(run: Path, name: str) -> Path:
 def log_path(run: Path, name: str) -> Path:
     """RUN/logs/<name>.jsonl: one JSON line per trainer log of that student."""
     return Path(run) / "logs" / f"{name}.jsonl"
+
+
+def zero_shot_path(run: Path, seed: int) -> Path:
+    """RUN/zero_shot/s<seed>.npz: the student of that seed before training, on every dev and test question."""
+    return Path(run) / "zero_shot" / f"s{seed}.npz"
 
 
 def report_dir(run: Path) -> Path:

@@ -3,42 +3,27 @@ same under both configurations, copied so that they are not made again. A PACED 
 forward-KL unweighted students with the plain grid of the same teacher and student; a grid with a new axis shares
 every cell the old one finished.
 
-A targets file depends on the task, teacher, limits, extraction, probe settings, `grid.mode` and
-`grid.teacher_temperature`; a student on those plus the student and the training settings as that cell uses them
-(its loss and weighting scheme; `switch_at` only under a two-stage loss, the weighting's other fields only when it
-is weighted)."""
+A targets file depends on the task, teacher, limits, extraction, probe settings, `grid.mode`,
+`grid.teacher_temperature`, `grid.smoothing` and the dev policy (`grid.dev`, `grid.min_dev`); a student on those
+plus the student and the training settings as that cell uses them (its loss and weighting scheme; `switch_at` only
+under a two-stage loss, the weighting's other fields only when it is weighted). The probes and the teacher's
+answers depend on the first five alone: a source that differs only in those grid fields still gives them (the
+teacher's extraction of the test split and the probes are not made again)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from probekd.atomic import copy_atomic
-from probekd.config import RunConfig
+from probekd.config import RunConfig, recorded_config
 from probekd.errors import ProbekdError
-from probekd.experiment import check_run_dir, config_differences
+from probekd.experiment import TARGET_SECTIONS, cell_training, check_run_dir, config_differences
 from probekd.layout import student_dir, targets_path
 
 log = logging.getLogger(__name__)
-
-_TARGET_SECTIONS = ("task", "teacher", "limit", "extract", "probe")
-
-
-def cell_training(cfg: RunConfig, loss: str, weighting: str) -> dict[str, Any]:
-    """The student and training settings one grid cell's student is made with (those it does not read left out)."""
-    train = cfg.train.model_dump(mode="json")
-    train["loss"] = loss
-    if ">" not in loss:
-        del train["switch_at"]
-    if weighting == "none":
-        del train["weighting"]
-    else:
-        train["weighting"]["scheme"] = weighting
-    return {"student": cfg.student.model_dump(mode="json"), "train": train}
 
 
 def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
@@ -49,20 +34,23 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     if not path.exists():
         raise ProbekdError(f"{path} is missing: {source} is not a probekd run directory")
     try:
-        src_cfg = RunConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        src_cfg = RunConfig.model_validate(recorded_config(path))
     except ValidationError as e:
         raise ProbekdError(f"{path} is not a valid run configuration: {e}") from None
-    diff = config_differences(src_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), _TARGET_SECTIONS)
-    if diff:
+    diff = config_differences(src_cfg.model_dump(mode="json"), cfg.model_dump(mode="json"), TARGET_SECTIONS)
+    teacher_diff = [d for d in diff if not d.startswith("grid.")]
+    if teacher_diff:
         raise ProbekdError(
             f"{source} was made with other teacher, data or probe settings (differs in: "
-            f"{', '.join(diff)}); nothing of it can be reused"
+            f"{', '.join(teacher_diff)}); nothing of it can be reused"
         )
+    if diff:  # e.g. another dev policy: the probes and the teacher's answers stand, the targets and students do not
+        log.info("%s differs in %s: reusing its probes and teacher answers only", source, ", ".join(diff))
     check_run_dir(run, cfg)  # refuses a `run` made with another configuration, before anything is copied
     copied: dict[str, list[str]] = {"targets": [], "students": []}
     if (source / "probes" / "summary.json").exists() and not (run / "probes").exists():
         copy_atomic(source / "probes", run / "probes")
-    cells = cfg.cells()
+    cells = [] if diff else cfg.cells()
     names = [f"answers-{s}" for s in ("train", "dev", "test")]
     names += list(dict.fromkeys(c.targets_name for c in cells))
     for name in names:
@@ -72,11 +60,11 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
             copied["targets"].append(name)
     src_cells = {c.name for c in src_cfg.cells()}
     for cell in cells:
-        name, loss, weighting = cell.name, cell.loss, cell.weighting
+        name = cell.name
         src, dst = student_dir(source, name), student_dir(run, name)
         if name not in src_cells or not (src / "metrics.json").exists() or (dst / "metrics.json").exists():
             continue
-        if cell_training(src_cfg, loss, weighting) != cell_training(cfg, loss, weighting):
+        if cell_training(src_cfg, cell) != cell_training(cfg, cell):
             continue
         copy_atomic(src, dst, ignore=("checkpoints",))  # replaces an unfinished student of this run
         copied["students"].append(name)

@@ -28,22 +28,26 @@ import yaml
 
 from probekd.atomic import atomic_path
 from probekd.errors import ProbekdError
-from probekd.evaluate import bootstrap_ci, mean_ci, normalized_entropy
+from probekd.evaluate import bootstrap_ci, chance_upper, mean_ci, normalized_entropy
 from probekd.probes.select import chosen_label
 from probekd.report.plots import plots_available
 from probekd.teacher.cache import TeacherCache, load_cache
 
 LABELS = {
     "hard": "hard labels",
+    "smoothed": "label smoothing",
     "teacher": "logit-KD (teacher)",
     "teacher_calibrated": "calibrated logit-KD",
     "probe": "Probe-KD",
 }
 CELL_COLUMNS = [
-    "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_train_rows", "accuracy",
-    "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe", "best_dev_accuracy",
-    "test_entropy", "mean_pass_rate", "ess_share", "zero_share", "seconds", "kept_model",
+    "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_dev", "labels_used", "n_train_rows",
+    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe",
+    "best_dev_accuracy", "zero_shot_accuracy", "dev_chance_upper", "test_entropy", "failed", "failed_reason",
+    "target_accuracy", "target_entropy", "mean_pass_rate", "ess_share", "zero_share", "learning_rate", "epochs",
+    "warmup_ratio", "weight_decay", "seconds", "kept_model",
 ]  # fmt: skip
+RECIPE = ("learning_rate", "epochs", "warmup_ratio", "weight_decay")  # the training fields `probekd tune` chooses
 WEIGHT_STATS = ("mean_pass_rate", "ess_share", "zero_share")  # of a weighted student: mean over its weight passes
 NEAR_UNIFORM = 0.99  # a student whose test predictions' normalized entropy is above this is flagged in the report
 
@@ -57,6 +61,7 @@ class SummaryRow(TypedDict):
     accuracy_mean: float  # mean test accuracy over the seeds
     accuracy_ci_half: float | str  # half-width of its 95% t-interval over seeds ("" with one seed)
     accuracy_ci_bootstrap: list[float] | str  # one seed: its bootstrap 95% interval over test questions, else ""
+    failed: int  # how many of those seeds failed to train (`failure`); they are in the mean, and counted
     ece_mean: float  # mean expected calibration error on test
     agreement_teacher_mean: float  # mean agreement of the students' test answers with the teacher's own
     agreement_probe_mean: float  # and with the probe's
@@ -74,6 +79,8 @@ class Comparison(TypedDict):
     bootstrap: tuple[float, float] | None  # paired bootstrap 95% interval over test questions (None without the
     # students' saved test predictions)
     verdict: str  # `wins`, `loses`, `ties (an interval includes 0)`, `no interval`, or an untested note
+    failed_a: int  # seeds of `a` (of those compared) that failed to train
+    failed_b: int  # and of `b`
 
 
 def label(variant: str) -> str:
@@ -109,11 +116,11 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
 def unfinished(run: Path) -> str | None:
     """A sentence saying how many of the grid's cells (RUN/config.yaml) have no finished student yet, by fraction;
     None when all have one or the configuration cannot be read (then the report describes what is there)."""
-    from probekd.config import RunConfig
+    from probekd.config import RunConfig, recorded_config
     from probekd.layout import metrics_path
 
     try:
-        cfg = RunConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+        cfg = RunConfig.model_validate(recorded_config(run / "config.yaml"))
     except (OSError, yaml.YAMLError, ValueError):
         return None
     cells = cfg.cells()
@@ -153,6 +160,7 @@ def summarize(cells: list[dict[str, Any]]) -> list[SummaryRow]:
                 "accuracy_ci_half": round(half, 4) if half == half else "",
                 # one seed: the test-question bootstrap interval of that student instead
                 "accuracy_ci_bootstrap": [round(x, 4) for x in cs[0]["accuracy_ci"]] if len(cs) == 1 else "",
+                "failed": sum(bool(c.get("failed")) for c in cs),
                 "ece_mean": round(float(np.mean([c["ece"] for c in cs])), 4),
                 "agreement_teacher_mean": round(float(np.mean([c["agreement_teacher"] for c in cs])), 4),
                 "agreement_probe_mean": round(float(np.mean([c["agreement_probe"] for c in cs])), 4),
@@ -178,19 +186,108 @@ def _add_test_entropy(run: Path, cells: list[dict[str, Any]], mask: np.ndarray) 
         )
 
 
-def near_uniform_note(cells: list[dict[str, Any]]) -> list[str]:
-    """Report lines naming the students whose test predictions are almost a uniform guess (none: no lines)."""
-    flat = sorted(c["cell"] for c in cells if (c.get("test_entropy") or 0) > NEAR_UNIFORM)
-    if not flat:
-        return []
+def failure(cell: Mapping[str, Any], dev_chance: float | None, n_dev: int | None) -> str:
+    """Why a student counts as failed to train ("" when it does not): its best dev accuracy (over epochs) is at or
+    below the upper end of the 95% binomial interval of a uniform guess on its `n_dev` dev questions
+    (`probekd.evaluate.chance_upper`; mean chance `dev_chance`), or its test predictions are near uniform (normalized
+    entropy above `NEAR_UNIFORM`). Such a student did not learn: it is counted, not averaged in silently."""
+    reasons = []
+    best = cell.get("best_dev_accuracy")
+    if best is not None and dev_chance is not None and n_dev:
+        upper = chance_upper(dev_chance, n_dev)
+        if best <= upper + 1e-9:
+            reasons.append(
+                f"dev accuracy never left chance (best {best:.3f}, chance {dev_chance:.3f}, 95% upper end {upper:.3f} "
+                f"on {n_dev} questions)"
+            )
+    entropy = cell.get("test_entropy")
+    if entropy is not None and entropy > NEAR_UNIFORM:
+        reasons.append(f"near-uniform test predictions (normalized entropy {entropy:.3f})")
+    return "; ".join(reasons)
+
+
+def failed_note(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines counting and naming the students that failed to train (`failure`), with their reasons."""
+    failed = sorted((c["cell"], c["failed_reason"]) for c in cells if c.get("failed"))
+    if not failed:
+        return [
+            "No student failed to train (each left chance on its dev questions and none answers near-uniformly).",
+            "",
+        ]
     return [
-        f"**{len(flat)} of {len(cells)} students answer almost uniformly** (normalized entropy of their test "
-        f"predictions above {NEAR_UNIFORM}; 1 is a uniform guess, column `test_entropy` of `results.csv`): "
-        + ", ".join(f"`{n}`" for n in flat)
-        + ". They have barely moved from a uniform guess (under-trained; collapsed where their accuracy is near "
-        "chance too): their accuracy rests on small differences between nearly equal scores.",
+        f"**{len(failed)} of {len(cells)} students failed to train** (their dev accuracy never left chance, or their "
+        "test predictions are near uniform; columns `failed` and `failed_reason` of `results.csv`). They are counted "
+        "as failed in the tables, not left out: " + "; ".join(f"`{name}`: {reason}" for name, reason in failed) + ".",
         "",
     ]
+
+
+def _span(values: list[Any], fmt: str = "{}") -> str:
+    """`a` when every value is the same, else `low-high` ("-" without values)."""
+    xs = sorted({v for v in values if v is not None})
+    if not xs:
+        return "-"
+    return fmt.format(xs[0]) if len(xs) == 1 else f"{fmt.format(xs[0])}-{fmt.format(xs[-1])}"
+
+
+def label_budget_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines: per labelled fraction, the labels a cell depends on (its training labels and the dev labels that
+    chose its layer, temperatures, calibration and epoch) and their sum (none: no lines)."""
+    fractions = sorted({c["fraction"] for c in cells})
+    if not fractions:
+        return []
+    lines = [
+        "## Labels used per cell (train + dev)",
+        "",
+        "Every label a student depends on: its labelled training rows and the dev labels that chose its probe layer, "
+        "temperatures, calibration and best epoch (column `labels_used` of `results.csv`).",
+        "",
+        "| fraction | train labels | dev labels | labels used |",
+        "|---|---|---|---|",
+    ]
+    for f in fractions:
+        cs = [c for c in cells if c["fraction"] == f]
+        lines.append(
+            f"| {f:g} | {_span([c.get('n_labelled') for c in cs])} | {_span([c.get('n_dev') for c in cs])} | "
+            f"{_span([c.get('labels_used') for c in cs])} |"
+        )
+    return [*lines, ""]
+
+
+def targets_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines: per signal and fraction, the mean over seeds of the targets' accuracy (argmax against the gold
+    option) and mean normalized entropy on the labelled training rows (none known: no lines)."""
+    per: dict[tuple[str, float, int], dict[str, Any]] = {}
+    for c in cells:  # the variants of one cell share its targets
+        if c.get("target_accuracy") is not None:
+            per.setdefault((c["signal"], c["fraction"], c["seed"]), c)
+    if not per:
+        return []
+    signals = sorted({s for s, _, _ in per}, key=_order)
+    fractions = sorted({f for _, f, _ in per})
+    lines = [
+        "## Targets on train: accuracy and mean normalized entropy per signal and fraction",
+        "",
+        "On each cell's labelled training rows (the probe's and the calibrated teacher's out-of-fold), mean over "
+        "seeds: accuracy of the targets' argmax against the gold option / mean normalized entropy (0 = one-hot, "
+        "1 = uniform). Label smoothing is as soft as the probe's targets but always right: what Probe-KD adds over "
+        "it is the probe's knowledge, not its softness.",
+        "",
+        "| fraction | " + " | ".join(label(s) for s in signals) + " |",
+        "|---" * (len(signals) + 1) + "|",
+    ]
+    for f in fractions:
+        row = [f"{f:g}"]
+        for s in signals:
+            cs = [c for (sig, fr, _), c in per.items() if sig == s and fr == f]
+            if not cs:
+                row.append("-")
+                continue
+            acc = float(np.mean([c["target_accuracy"] for c in cs]))
+            ent = float(np.mean([c["target_entropy"] for c in cs]))
+            row.append(f"{acc:.3f} / {ent:.3f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 def weights_table(cells: list[dict[str, Any]], chance: float | None) -> list[str]:
@@ -259,18 +356,25 @@ def compare(
             boot = (lo, hi)
     intervals = [(mean - half, mean + half)] if half == half else []
     intervals += [boot] if boot else []
-    if not intervals:
-        verdict = "no interval"
-    elif all(lo > 0 for lo, _ in intervals):
-        verdict = "wins"
-    elif all(hi < 0 for _, hi in intervals):
-        verdict = "loses"
-    else:
-        verdict = "ties (an interval includes 0)"
     return {
         "a": a, "b": b, "fraction": fraction, "seeds": len(seeds), "diff": mean, "half": half,
-        "bootstrap": boot, "verdict": verdict,
+        "bootstrap": boot, "verdict": verdict(intervals),
+        "failed_a": sum(bool(by[(a, s)].get("failed")) for s in seeds),
+        "failed_b": sum(bool(by[(b, s)].get("failed")) for s in seeds),
     }  # fmt: skip
+
+
+def verdict(intervals: Sequence[tuple[float, float]]) -> str:
+    """The verdict on a difference a - b from its available 95% intervals (low, high): `wins` when every one lies
+    above 0, `loses` when every one lies below 0, `ties (an interval includes 0)` otherwise (one crossing 0, or two
+    on opposite sides), `no interval` without any. One favourable interval is never enough while another is there."""
+    if not intervals:
+        return "no interval"
+    if all(lo > 0 for lo, _ in intervals):
+        return "wins"
+    if all(hi < 0 for _, hi in intervals):
+        return "loses"
+    return "ties (an interval includes 0)"
 
 
 def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
@@ -282,7 +386,7 @@ def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
     dev = cell.get("dev_accuracy_by_epoch") or []
     if not dev or "n_train_rows" not in cell:
         return False
-    cfg = TrainConfig(**{**train, "loss": cell.get("loss", "fkl")})
+    cfg = TrainConfig(**{**train, **cell.get("train", {}), "loss": cell.get("loss", "fkl")})
     steps_per_epoch = math.ceil(cell["n_train_rows"] / cfg.batch_size)
     first = cfg.first_changed_step(cell.get("weighting", "none"), steps_per_epoch)
     if first is None:
@@ -308,36 +412,71 @@ def _pm(mean: float, half: Any, signed: bool = False) -> str:
     return m if half in ("", None) or half != half else f"{m} ± {half:.3f}"
 
 
-def _comparison_table(title: str, column: str, verdict: str, rows: list[tuple[Comparison, str]]) -> list[str]:
-    """Markdown lines of a table of `compare` results, each row named by the given variant (none: no lines)."""
+def _comparison_table(
+    title: str, column: str, verdict: str, rows: list[tuple[Comparison, str]], first: str, second: str
+) -> list[str]:
+    """Markdown lines of a table of `compare` results, each row named by the given variant (none: no lines), with
+    how many compared seeds of `a` (`first`) and `b` (`second`) failed to train."""
     if not rows:
         return []
     lines = [
         f"## {title}",
         "",
         f"| fraction | {column} | difference ± t-interval over seeds | bootstrap over test questions | seeds | "
-        f"{verdict} |",
-        "|---|---|---|---|---|---|",
+        f"failed seeds ({first} / {second}) | {verdict} |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r, name in rows:
         boot = f"[{r['bootstrap'][0]:+.3f}, {r['bootstrap'][1]:+.3f}]" if r["bootstrap"] else "-"
         lines.append(
             f"| {r['fraction']:g} | {label(name)} | {_pm(r['diff'], r['half'], signed=True)} | {boot} | {r['seeds']} | "
-            f"{r['verdict']} |"
+            f"{r.get('failed_a', 0)} / {r.get('failed_b', 0)} | {r['verdict']} |"
         )
     return [*lines, ""]
 
 
-def _test_cache(run: Path) -> TeacherCache | None:
-    """The test split's gold answers and option mask (no hidden states), for the paired bootstrap and the chance
-    level: from RUN/targets/ (present wherever students were trained), else from the teacher cache."""
+def _split_cache(run: Path, split: str) -> TeacherCache | None:
+    """A split's gold answers and option mask (no hidden states): from RUN/targets/ (present wherever students were
+    trained), else from the teacher cache; None without either."""
     from probekd.layout import load_answers
 
     with contextlib.suppress(ProbekdError):
-        return load_answers(run, ("test",))["test"]
-    if (run / "teacher" / "test" / "manifest.json").exists():
-        return load_cache(run / "teacher" / "test", with_hidden=False)
+        return load_answers(run, (split,))[split]
+    if (run / "teacher" / split / "manifest.json").exists():
+        return load_cache(run / "teacher" / split, with_hidden=False)
     return None
+
+
+def _test_cache(run: Path) -> TeacherCache | None:
+    """The test split's gold answers and option mask, for the paired bootstrap and the chance level."""
+    return _split_cache(run, "test")
+
+
+def _target_stats(run: Path, cell: dict[str, Any], train: TeacherCache | None, seen: dict[str, Any]) -> dict[str, Any]:
+    """The cell's targets' `target_accuracy` and `target_entropy` on its labelled training rows: from its metrics
+    (the targets' meta), else computed from RUN/targets/ (cells made before the meta held them); {} when neither."""
+    meta = cell.get("targets") or {}
+    if "target_accuracy" in meta:
+        return {k: meta.get(k) for k in ("target_accuracy", "target_entropy")}
+    if train is None:
+        return {}
+    from probekd.layout import Cell, targets_path
+    from probekd.targets import SoftTargets, labelled_subset, target_stats
+
+    name = Cell(cell["signal"], cell["fraction"], cell["seed"]).targets_name
+    if name not in seen:
+        seen[name] = {}
+        path = targets_path(run, name)
+        if path.exists():
+            with contextlib.suppress(ProbekdError):
+                targets = SoftTargets.load(path)
+                lab = train.answers >= 0
+                keep = np.zeros(len(train.ids), dtype=bool)
+                ids = [i for i, ok in zip(train.ids, lab, strict=True) if ok]
+                keep[np.flatnonzero(lab)] = labelled_subset(ids, cell["fraction"], cell["seed"])
+                answers = np.where(keep, train.answers, -1)
+                seen[name] = target_stats(targets, train.ids, answers, train.padded_mask(targets.k))
+    return seen[name]
 
 
 def plot_interval(row: Mapping[str, Any]) -> tuple[float, float]:
@@ -386,13 +525,33 @@ def _kept_model(run: Path, name: str) -> bool:
 
 def _finished_cells(run: Path, test: TeacherCache | None) -> list[dict[str, Any]]:
     """`load_cells` with the derived columns of results.csv: `accuracy_ci_low`/`_high`, `test_entropy` (when the
-    test split's option mask is known), `kept_model`."""
+    test split's option mask is known), `n_dev` and `labels_used` (cells made before they were recorded used the
+    whole dev split), `dev_chance_upper`, `failed` and `failed_reason` (`failure`), `target_accuracy` and
+    `target_entropy`, `kept_model`."""
     cells = load_cells(run)
     if test is not None:
         _add_test_entropy(run, cells, test.mask)
+    dev = _split_cache(run, "dev")
+    train = _split_cache(run, "train")
+    full_n, full_chance = None, None
+    if dev is not None and (dev.answers >= 0).any():
+        lab = dev.answers >= 0
+        full_n, full_chance = int(lab.sum()), float(np.mean(1.0 / dev.mask[lab].sum(1)))
+    seen: dict[str, Any] = {}
     for c in cells:
         c["accuracy_ci_low"], c["accuracy_ci_high"] = c["accuracy_ci"]
+        if c.get("n_dev") is None:
+            c["n_dev"] = full_n
+        if c.get("labels_used") is None and c["n_dev"] is not None and c.get("n_labelled") is not None:
+            c["labels_used"] = c["n_labelled"] + c["n_dev"]
+        chance = c.get("dev_chance", full_chance if c["n_dev"] == full_n else None)
+        c["dev_chance_upper"] = round(chance_upper(chance, c["n_dev"]), 4) if chance and c["n_dev"] else None
+        c["failed_reason"] = failure(c, chance, c["n_dev"])
+        c["failed"] = bool(c["failed_reason"])
+        c.update(_target_stats(run, c, train, seen))
         c["kept_model"] = _kept_model(run, c["cell"])
+        c["zero_shot_accuracy"] = (c.get("zero_shot") or {}).get("test_accuracy")
+        c.update({k: v for k, v in (c.get("train") or {}).items() if k in RECIPE})
     return cells
 
 
@@ -413,7 +572,9 @@ def compute_report(run: Path) -> Report:
     cells = _finished_cells(run, test)
     if not cells:
         raise ProbekdError(f"no finished students under {run / 'students'}; run `probekd run` first")
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    from probekd.config import recorded_config
+
+    cfg = recorded_config(run / "config.yaml") if (run / "config.yaml").exists() else {}
     probes_path = run / "probes" / "summary.json"
     probes = json.loads(probes_path.read_text()) if probes_path.exists() else None
     answers = test.answers if test is not None else None
@@ -467,6 +628,54 @@ def kept_model_note(report: Report) -> list[str]:
     ]
 
 
+def zero_shot_note(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines on the student before any training (its zero-shot test accuracy, recorded by runs since
+    2026-12) and how many trained students end below it (they unlearned what the pretrained model knew)."""
+    zs = [c for c in cells if c.get("zero_shot_accuracy") is not None]
+    if not zs:
+        return []
+    values = sorted({round(c["zero_shot_accuracy"], 4) for c in zs})
+    where = f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f} to {values[-1]:.3f} over seeds"
+    below = [c["cell"] for c in zs if c["accuracy"] < c["zero_shot_accuracy"]]
+    tail = (
+        f"{len(below)} of {len(zs)} trained students end below it: " + ", ".join(f"`{b}`" for b in below[:10])
+        + (" ..." if len(below) > 10 else "") + "."
+        if below
+        else f"every one of the {len(zs)} trained students ends above it."
+    )  # fmt: skip
+    return [f"The student before any training (its own zero-shot answer) scores {where} on test; {tail}", ""]
+
+
+def recipe_table(run: Path, cells: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of the training recipe each signal's students used, and whether `probekd tune` chose it
+    (RUN/tune/summary.json: on dev, never test)."""
+    recipes: dict[str, set[tuple[Any, ...]]] = {}
+    for c in cells:
+        if c.get("train"):
+            recipes.setdefault(c["signal"], set()).add(tuple(c["train"].get(k) for k in RECIPE))
+    if not recipes:
+        return []
+    path = run / "tune" / "summary.json"
+    tuned = json.loads(path.read_text()) if path.exists() else {"signals": {}}
+    lines = [
+        "## Training recipe per signal",
+        "",
+        "| signal | learning rate | epochs | warm-up | weight decay | chosen by |",
+        "|---|---|---|---|---|---|",
+    ]
+    for signal in sorted(recipes, key=_order):
+        t = tuned["signals"].get(signal)
+        for r in sorted(recipes[signal], key=str):
+            how = "the configuration"
+            if t and tuple(t["recipe"].get(k) for k in RECIPE) == r:
+                how = (
+                    f"`probekd tune`: best mean dev accuracy of {len(t['trials'])} trials at fraction "
+                    f"{tuned['fraction']:g}, seeds {tuned['seeds']}"
+                )
+            lines.append(f"| {signal} | {r[0]:.3g} | {r[1]:g} | {r[2]:g} | {r[3]:g} | {how} |")
+    return [*lines, ""]
+
+
 def _accuracy_table(report: Report) -> list[str]:
     """Markdown lines of the student test accuracy table: a row per fraction, a column per variant."""
     lines = [
@@ -480,11 +689,15 @@ def _accuracy_table(report: Report) -> list[str]:
         row = [f"{f:g}"]
         for s in report.variants:
             r = by.get((s, f))
-            if r and r["accuracy_ci_bootstrap"]:
+            if not r:
+                row.append("-")
+                continue
+            n = f"({r['seeds']}; {r['failed']} failed)" if r.get("failed") else f"({r['seeds']})"
+            if r["accuracy_ci_bootstrap"]:
                 lo, hi = r["accuracy_ci_bootstrap"]
-                row.append(f"{r['accuracy_mean']:.3f} [{lo:.3f}, {hi:.3f}] (1)")
+                row.append(f"{r['accuracy_mean']:.3f} [{lo:.3f}, {hi:.3f}] {n}")
             else:
-                row.append(_pm(r["accuracy_mean"], r["accuracy_ci_half"]) + f" ({r['seeds']})" if r else "-")
+                row.append(f"{_pm(r['accuracy_mean'], r['accuracy_ci_half'])} {n}")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -518,24 +731,29 @@ def render_markdown(report: Report) -> str:
         ]
     if report.chance is not None:
         lines += [f"Chance on test (a uniform guess among each question's options): {report.chance:.3f}.", ""]
+    lines += zero_shot_note(cells)
     lines += _accuracy_table(report)
     lines += [
         "",
-        "(n) = seeds; with one seed, [a, b] is the bootstrap 95% interval over test questions.",
+        "(n) = seeds; with one seed, [a, b] is the bootstrap 95% interval over test questions; (n; m failed): m of the "
+        "n seeds failed to train (see below): they are in the mean, not left out.",
         "",
         "![accuracy vs labelled fraction](data_efficiency.png)"
         if plots_available()
         else "(plots need matplotlib: `pip install 'probekd[plots]'`)",
         "",
-        *near_uniform_note(cells),
+        *failed_note(cells),
     ]
+    lines += recipe_table(report.run, cells)
+    lines += label_budget_table(cells)
+    lines += targets_table(cells)
     lines += _comparison_table(
         "Probe-KD against each other signal (paired by seed, test accuracy difference)", "against", "Probe-KD",
-        [(r, r["b"]) for r in report.comparisons],
+        [(r, r["b"]) for r in report.comparisons], "Probe-KD", "other",
     )  # fmt: skip
     lines += _comparison_table(
         "Losses and weightings against forward KL, unweighted (same signal, paired by seed)", "variant", "variant",
-        [(r, r["a"]) for r in report.variant_comparisons],
+        [(r, r["a"]) for r in report.variant_comparisons], "variant", "default",
     )  # fmt: skip
     lines += weights_table(cells, report.chance)
     lines += [

@@ -2,6 +2,9 @@
 
 - `encoder`: question + each option through an encoder with a scoring head (`AutoModelForMultipleChoice`,
   MiniLM-L6 by default); missing options are run as empty texts and masked.
+- `encoder`, `head: biencoder`: the question and each option through the encoder (`AutoModel`) apart, each
+  mean-pooled over its tokens; an option's logit is s * cos(question, option) with a learned scale s. A sentence
+  embedding model (all-MiniLM-L6-v2) answers this way before any training, where the cross head starts at chance.
 - `causal`, `formulation: letter`: a causal LM reads the lettered prompt (the same template as the teacher's
   `letter` formulation) and its logits of the option-letter tokens at the last prompt position are the K logits.
   The letters must be single tokens of the student's tokenizer (checked, see
@@ -22,6 +25,7 @@ need their scoring inside the wrapped model's forward).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,13 @@ class StudentConfig(BaseModel):
 
     model: str = Field("minilm-l6", description="Packaged model name, local folder or HF id.")
     kind: StudentKind = Field("encoder", description="`encoder` (multiple-choice head) or `causal` (letter logits).")
+    head: Literal["cross", "biencoder"] = Field(
+        "biencoder",
+        description="`encoder` students: `biencoder` (the default: question and each option embedded apart, "
+        "mean-pooled, scored by their cosine times a learned scale: the sentence-embedding model's own judgement "
+        "before any training) or `cross` (question and option read together, a new linear scoring head: "
+        "`AutoModelForMultipleChoice`, at chance before training; the default before 2026-12).",
+    )
     max_length: int = Field(128, ge=8, description="Tokens per (question, option) pair or prompt; longer is cut.")
     formulation: Literal["letter", "option"] = Field(
         "letter",
@@ -55,6 +66,13 @@ class StudentConfig(BaseModel):
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator.")
     prompt: str = Field("auto", description="`causal` students: prompt preset (auto, base, instruct).")
+
+
+def recorded_student(fields: dict[str, Any]) -> dict[str, Any]:
+    """A student configuration as a run folder or kept student recorded it, read as it was meant when written:
+    recorded configurations hold every field, so one without `head` predates the bi-encoder head, when every
+    encoder student was a cross-encoder (the default then)."""
+    return fields if "head" in fields else {**fields, "head": "cross"}
 
 
 def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
@@ -83,6 +101,43 @@ def encoder_logits(
     extra = {k: v for k, v in kw.items() if k == "token_type_ids"}
     logits = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float()
     return _pad_options(logits, option_mask)
+
+
+LOGIT_SCALE = "probekd_logit_scale"  # the bi-encoder's learned log-scale, a parameter of the encoder model itself
+_INITIAL_SCALE = 20.0  # the usual scale of cosine logits for sentence embeddings (sentence-transformers' default)
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the attended positions (a row without any: zeros)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def biencoder_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    option_mask: torch.Tensor,
+    option_ids: torch.Tensor,
+    option_attention: torch.Tensor,
+    **_: Any,
+) -> torch.Tensor:
+    """s * cos(mean-pooled question, mean-pooled option) per option; s = exp of the model's `LOGIT_SCALE`."""
+    b, kb, c = option_ids.shape
+    q = _mean_pool(model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
+    om = option_attention.reshape(b * kb, c)
+    o = _mean_pool(model(input_ids=option_ids.reshape(b * kb, c), attention_mask=om).last_hidden_state, om)
+    cos = torch.nn.functional.cosine_similarity(q.float()[:, None], o.float().reshape(b, kb, -1), dim=-1)
+    scale = getattr(_base(model), LOGIT_SCALE).float().exp()
+    return _pad_options(scale * cos, option_mask)
+
+
+def add_logit_scale(model: nn.Module, log_scale: float = math.log(_INITIAL_SCALE)) -> nn.Module:
+    """Give an encoder model the bi-encoder's learned log-scale as a parameter of its own, so that it is trained,
+    checkpointed and saved with the weights (`save_pretrained` writes it; `AutoModel` ignores it on loading, which
+    changes no answer: the argmax of the cosines does not depend on the scale)."""
+    model.register_parameter(LOGIT_SCALE, nn.Parameter(torch.tensor(float(log_scale))))
+    return model
 
 
 @dataclass(frozen=True)
@@ -186,6 +241,10 @@ class Student:
     def encode(self, ex: MCQExample) -> dict[str, list[Any]]:
         """Unpadded token ids of one example (padded to K options with empty texts for the encoder)."""
         tok = self.tokenizer
+        if self.cfg.kind == "encoder" and self.cfg.head == "biencoder":
+            q = tok(ex.question, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+            opts = [tok(o, truncation=True, max_length=self.cfg.max_length)["input_ids"] for o in ex.options]
+            return {"input_ids": q, "attention_mask": [1] * len(q), "option_ids": opts + [[]] * (self.k - ex.k)}
         if self.cfg.kind == "encoder":
             options = list(ex.options) + [""] * (self.k - ex.k)
             enc = tok([ex.question] * self.k, options, truncation="only_first", max_length=self.cfg.max_length)
@@ -239,7 +298,7 @@ def assemble(model: nn.Module, tok: Any, cfg: StudentConfig, k: int, template: A
     from probekd.teacher.extract import letter_token_ids
 
     if cfg.kind == "encoder":
-        return Student(model, tok, cfg, k, encoder_logits)
+        return Student(model, tok, cfg, k, biencoder_logits if cfg.head == "biencoder" else encoder_logits)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     template = get_template(template or cfg.prompt, tok)
@@ -252,19 +311,46 @@ def assemble(model: nn.Module, tok: Any, cfg: StudentConfig, k: int, template: A
     return Student(model, tok, cfg, k, LetterScorer(tuple(ids)), template)
 
 
-def load_hf_model(folder: Path | str, kind: StudentKind) -> nn.Module:
-    """`AutoModelForMultipleChoice` (encoder) or `AutoModelForCausalLM` from a local folder, in float32, without
-    the "newly initialized" notice (a fresh scoring head is expected)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMultipleChoice
+def load_hf_model(folder: Path | str, cfg: StudentConfig) -> nn.Module:
+    """The student's model from a local folder, in float32: `AutoModelForMultipleChoice` (cross encoder),
+    `AutoModel` with its learned scale (bi-encoder: the folder's saved scale, or the initial one for a base model)
+    or `AutoModelForCausalLM`; without the "newly initialized" notice (a fresh scoring head is expected)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMultipleChoice
     from transformers import logging as hf_logging
 
-    auto = AutoModelForMultipleChoice if kind == "encoder" else AutoModelForCausalLM
+    if cfg.kind == "causal":
+        auto = AutoModelForCausalLM
+    else:
+        auto = AutoModel if cfg.head == "biencoder" else AutoModelForMultipleChoice
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return auto.from_pretrained(str(folder), dtype=torch.float32)
+        model = auto.from_pretrained(str(folder), dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
+    if cfg.kind == "encoder" and cfg.head == "biencoder":
+        saved = _saved_tensor(Path(folder), LOGIT_SCALE)
+        add_logit_scale(model, *([float(saved)] if saved is not None else []))
+    return model
+
+
+def _saved_tensor(folder: Path, name: str) -> torch.Tensor | None:
+    """The tensor `name` of a folder's safetensors weights (one file or an index of shards), None if absent."""
+    from safetensors import safe_open
+
+    files = [folder / "model.safetensors"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shard = json.loads(index.read_text()).get("weight_map", {}).get(name)
+        files = [folder / shard] if shard else []
+    for f in files:
+        if f.is_file():
+            with safe_open(str(f), framework="pt") as st:
+                if name in st.keys():  # noqa: SIM118 - safe_open has keys(), not __contains__
+                    return st.get_tensor(name)
+    return None
 
 
 def build_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
@@ -277,7 +363,7 @@ def build_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
     folder = prepare(cfg.model)
     tok = AutoTokenizer.from_pretrained(str(folder))
     torch.manual_seed(seed)
-    model = load_hf_model(folder, cfg.kind)
+    model = load_hf_model(folder, cfg)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -287,8 +373,11 @@ def build_student(cfg: StudentConfig, k: int, seed: int = 0) -> Student:
                 r=cfg.lora_r,
                 lora_alpha=cfg.lora_alpha,
                 target_modules="all-linear",
-                modules_to_save=["classifier"] if cfg.kind == "encoder" else None,
+                modules_to_save=["classifier"] if cfg.kind == "encoder" and cfg.head == "cross" else None,
                 lora_dropout=0.0,
             ),
         )
+        scale = getattr(model.get_base_model(), LOGIT_SCALE, None)
+        if scale is not None:  # the bi-encoder's scale is trained with the adapters (and merged with them)
+            scale.requires_grad_(True)
     return assemble(model, tok, cfg, k)

@@ -19,12 +19,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from probekd.atomic import atomic_path, write_text
 from probekd.data.prompts import PromptTemplate
 from probekd.errors import ProbekdError
-from probekd.student.heads import Student, StudentConfig, assemble, load_hf_model
+from probekd.student.heads import LOGIT_SCALE, Student, StudentConfig, assemble, load_hf_model, recorded_student
 
 MANIFEST = "probekd.json"
 FORMAT_VERSION = 1
@@ -55,7 +55,7 @@ class KeptManifest(BaseModel):
     task: str = ""
     cell: str = Field("", description="The grid cell it comes from.")
     run_name: str = ""
-    signal: str = Field("", description="What it was trained on: hard, teacher, teacher_calibrated, probe, ...")
+    signal: str = Field("", description="What it was trained on: hard, smoothed, teacher, teacher_calibrated, probe.")
     teacher: str = ""
     teacher_formulation: str = ""
     probe: str | None = Field(None, description="The probe's layer and state (`layer 17`), if probes were fitted.")
@@ -67,6 +67,11 @@ class KeptManifest(BaseModel):
     n_dev: int | None = Field(None, description="Labelled dev questions used for choosing its epoch.")
     metrics: KeptMetrics = Field(default_factory=KeptMetrics)  # type: ignore[arg-type]
     exported: dict[str, Any] | None = Field(None, description="Set by `probekd export`: which cell and why.")
+
+    @field_validator("student", mode="before")
+    @classmethod
+    def _recorded(cls, v: Any) -> Any:
+        return recorded_student(v) if isinstance(v, dict) else v
 
 
 def save_kept(student: Student, folder: Path, manifest: KeptManifest, adapter_dir: Path | None = None) -> Path:
@@ -109,7 +114,7 @@ def load_kept(folder: Path, device: str = "cpu") -> tuple[Student, KeptManifest]
     from transformers import AutoTokenizer
 
     manifest = read_manifest(folder)
-    model = load_hf_model(folder, manifest.student.kind).to(device)
+    model = load_hf_model(folder, manifest.student).to(device)
     tok = AutoTokenizer.from_pretrained(str(folder))
     student = assemble(model, tok, manifest.student, manifest.num_options, manifest.template)
     model.eval()
@@ -129,13 +134,20 @@ def _acc(x: float | None) -> str:
 def model_card(m: KeptManifest) -> str:
     """The kept student's README.md: what it was distilled from, how, how well it does, how to use it, its limits."""
     s = m.student
-    auto = "AutoModelForMultipleChoice" if s.kind == "encoder" else "AutoModelForCausalLM"
+    auto = (
+        {"cross": "AutoModelForMultipleChoice", "biencoder": "AutoModel"}[s.head]
+        if s.kind == "encoder"
+        else ("AutoModelForCausalLM")
+    )
     ci = m.metrics.test_accuracy_ci
     acc = _acc(m.metrics.test_accuracy) + (f" (95% interval {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
     how = {
         "hard": "the gold labels alone",
         "teacher": "the teacher's own answer probabilities (logit-KD)",
-        "teacher_calibrated": "the teacher's answer probabilities, temperature-calibrated on dev",
+        "smoothed": "the gold labels smoothed toward uniform (label smoothing, as soft as the probe's targets unless "
+        "set otherwise)",
+        "teacher_calibrated": "the teacher's answer probabilities, calibrated on dev (a temperature, plus "
+        "option-position biases where they made it more accurate on dev)",
         "probe": f"the probabilities of a linear probe on the teacher's hidden states ({m.probe or 'chosen on dev'}; "
         "Probe-KD)",
     }.get(m.signal, f"the `{m.signal}` targets")
@@ -197,6 +209,11 @@ def model_card(m: KeptManifest) -> str:
 
 def _inputs(m: KeptManifest) -> str:
     s = m.student
+    if s.kind == "encoder" and s.head == "biencoder":
+        return (
+            "question and each option embedded apart (mean of the token states), the cosine of the two times the "
+            f"learned scale `{LOGIT_SCALE}` stored with the weights, softmax over the options"
+        )
     if s.kind == "encoder":
         return "question and each option as a text pair, one score per option, softmax over the options"
     if s.formulation == "option":
