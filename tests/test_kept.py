@@ -26,8 +26,9 @@ from test_experiment import tiny_config
 @pytest.fixture(scope="module")
 def encoder_run(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("kept") / "run"
-    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], signals=["hard", "probe"]))
-    assert len(run_experiment(cfg, run_dir)) == 4
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], signals=["hard", "probe"])
+    base["student"]["head"] = "cross"  # the bi-encoder's: `test_biencoder_student_is_kept_with_its_learned_scale`
+    assert len(run_experiment(load_config(None, base=base), run_dir)) == 4
     return run_dir
 
 
@@ -88,8 +89,9 @@ def test_lora_causal_student_is_merged_and_keeps_its_adapter(lora_run: Path, tin
     np.testing.assert_array_equal(probs, np.load(student_dir(lora_run, "probe-f1-s0") / "test_probs.npy"))
 
 
-def test_predict_cli_on_the_run_split_equals_metrics(encoder_run: Path) -> None:
-    cell = "probe-f1-s0"
+@pytest.mark.parametrize("cell", ["probe-f1-s0", "hard-f1-s1"])
+def test_predict_cli_on_the_run_split_equals_metrics(encoder_run: Path, cell: str) -> None:
+    """Accuracy and interval as in the cell's metrics.json (the interval bootstrapped with the cell's seed)."""
     metrics = json.loads(metrics_path(encoder_run, cell).read_text())
     out = run("predict", str(model_dir(encoder_run, cell)), "--task", "arc_easy", "--limit", "16")
     lo, hi = metrics["accuracy_ci"]
@@ -228,6 +230,17 @@ def test_biencoder_student_is_kept_with_its_learned_scale(
     )
     zs = metrics["zero_shot"]
     assert set(zs) == {"dev_accuracy", "test_accuracy"} and 0 <= zs["test_accuracy"] <= 1
+    # the model card's transformers-only code gives the run's probabilities too
+    card = (folder / "README.md").read_text()
+    code = card.split("```python\n")[2].split("```")[0].replace("THIS_FOLDER", str(folder))
+    scope: dict = {}
+    exec(code, scope)  # the card's own snippet, run as a user would
+    run_probs = np.load(student_dir(run_dir, "probe-f1-s0") / "test_probs.npy")
+    for q, p in zip(_test_questions(run_dir), run_probs, strict=True):
+        np.testing.assert_allclose(scope["probabilities"](q.question, list(q.options)).numpy(), p[: q.k], atol=1e-5)
+    st = json.loads((folder / "modules.json").read_text())
+    assert [m["path"] for m in st] == ["", "1_Pooling", "2_Normalize"]
+    assert json.loads((folder / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
 
 
 def test_a_manifest_written_before_the_biencoder_head_reads_as_a_cross_encoder() -> None:

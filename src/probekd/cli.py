@@ -413,8 +413,8 @@ def predict(
     elif not sys.stdout.isatty() or len(preds) <= 20:
         for p in preds:
             typer.echo(json.dumps(p.record()))
-    acc = accuracy(examples, probs)
     m = kept.manifest
+    acc = accuracy(examples, probs, seed=m.seed or 0)  # the run's bootstrap seed: on its test split, its interval
     typer.echo(
         f"{len(preds)} questions from {source} answered by {model_dir} ({m.student.model}, {m.signal})", err=True
     )

@@ -92,11 +92,12 @@ def export_student(
             for x in (f"signal `{signal}`" if signal else "", f"fraction {fraction:g}" if fraction is not None else "")
             if x
         )
+        dev = "none recorded" if chosen.dev_accuracy is None else f"{chosen.dev_accuracy:.3f}"
         reason = {
             "chosen_by": "best dev accuracy",
             "candidates": n,
             "reason": f"Cell `{chosen.cell}` of `{run}`: the best dev accuracy "
-            f"({chosen.dev_accuracy:.3f}) among {n} kept students{' with ' + among if among else ''}. "
+            f"({dev}) among {n} kept students{' with ' + among if among else ''}. "
             "Chosen on dev only, never on test, so its test accuracy above is an unbiased estimate.",
         }
     target = Path(out) if out is not None else run.parent / f"{run.name}-{chosen.cell}"

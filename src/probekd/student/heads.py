@@ -17,7 +17,8 @@
 
 Full fine-tuning by default; LoRA through `peft` as an option (the scoring head stays fully trainable).
 
-The model is a plain `AutoModelForMultipleChoice` / `AutoModelForCausalLM`; the scoring lives in a function of the
+The model is a plain `AutoModel` (bi-encoder, with its scale as one more parameter) / `AutoModelForMultipleChoice` /
+`AutoModelForCausalLM`; the scoring lives in a function of the
 model and a batch (`Student.scorer`), so the trained weights save and load the standard way. The causal scorers call
 the decoder and output layer directly: they run in one process (data-parallel training of causal students would
 need their scoring inside the wrapped model's forward).

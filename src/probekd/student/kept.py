@@ -1,7 +1,10 @@
 """The kept student: what a user takes away from a run, as a standard Hugging Face folder.
 
-    MODEL_DIR/config.json, model.safetensors   `AutoModelForMultipleChoice` (encoder) or `AutoModelForCausalLM`
-                                                (causal; LoRA merged into the weights) loads it
+    MODEL_DIR/config.json, model.safetensors   `AutoModelForMultipleChoice` (cross-encoder), `AutoModel` (bi-encoder;
+                                                its learned scale `probekd_logit_scale` is a tensor of the weights
+                                                file) or `AutoModelForCausalLM` (causal; LoRA merged) loads it
+    MODEL_DIR/modules.json, 1_Pooling/, ...    bi-encoder only: the sentence-transformers files (mean pooling,
+                                                normalized), so `SentenceTransformer(MODEL_DIR)` embeds with it
     MODEL_DIR/tokenizer files                  `AutoTokenizer` loads them
     MODEL_DIR/adapter/                         LoRA students only: the adapter alone, a `peft` folder
     MODEL_DIR/probekd.json                     how to ask it (`KeptManifest`): kind, formulation, prompt template,
@@ -82,11 +85,60 @@ def save_kept(student: Student, folder: Path, manifest: KeptManifest, adapter_di
     with atomic_path(Path(folder)) as tmp:
         student.model.save_pretrained(str(tmp))
         student.tokenizer.save_pretrained(str(tmp))
+        if manifest.student.kind == "encoder" and manifest.student.head == "biencoder":
+            _write_sentence_transformers_files(tmp, student.model.config.hidden_size, manifest.student.max_length)
         if adapter_dir is not None and Path(adapter_dir).is_dir():
             shutil.move(str(adapter_dir), str(tmp / "adapter"))
         (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(manifest), encoding="utf-8")
     return Path(folder)
+
+
+def _write_sentence_transformers_files(folder: Path, hidden_size: int, max_length: int) -> None:
+    """The module list of a sentence-transformers model (transformer, mean pooling, normalization): the bi-encoder
+    embeds exactly this way, so `SentenceTransformer(folder).encode(texts)` gives its embeddings (the cosine of two
+    of them times exp(`probekd_logit_scale`) is its score). Plain JSON: sentence-transformers is not needed here."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    pooling = {
+        "word_embedding_dimension": hidden_size,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
+    (folder / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2) + "\n", encoding="utf-8"
+    )
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2) + "\n", encoding="utf-8")
+    (folder / "2_Normalize").mkdir()
+
+
+# How to score with a kept bi-encoder with transformers alone (the model card shows it; a test runs it).
+BIENCODER_SNIPPET = """\
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoTokenizer
+
+folder = "THIS_FOLDER"
+tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+scale = load_file(f"{folder}/model.safetensors")["probekd_logit_scale"].exp()  # learned in training
+
+def embed(texts):  # mean of the token states, normalized
+    enc = tok(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+def probabilities(question, options):
+    return (scale * embed([question]) @ embed(options).T).softmax(-1)[0]
+"""
 
 
 def read_manifest(folder: Path) -> KeptManifest:
@@ -196,6 +248,7 @@ def model_card(m: KeptManifest) -> str:
         f"The weights load with `transformers.{auto}.from_pretrained(folder)`; `probekd.json` says how questions "
         f"become its inputs ({_inputs(m)}).",
         "",
+        *_biencoder_usage(m),
         "## Intended use and limits",
         "",
         f"Multiple-choice questions like those of `{m.task or 'its task'}`, with at most {m.num_options} options. "
@@ -205,6 +258,24 @@ def model_card(m: KeptManifest) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _biencoder_usage(m: KeptManifest) -> list[str]:
+    """Model-card lines for a bi-encoder: scoring with transformers alone, and the sentence-transformers files."""
+    if not (m.student.kind == "encoder" and m.student.head == "biencoder"):
+        return []
+    code = BIENCODER_SNIPPET.replace("MAX_LENGTH", str(m.student.max_length))
+    return [
+        "Without probekd, with `transformers` alone (the same probabilities):",
+        "",
+        "```python",
+        *code.rstrip("\n").splitlines(),
+        "```",
+        "",
+        "It is also a sentence-transformers model: `SentenceTransformer('THIS_FOLDER').encode(texts)` gives the same "
+        "normalized embeddings (their cosine times the scale above is its score).",
+        "",
+    ]
 
 
 def _inputs(m: KeptManifest) -> str:
