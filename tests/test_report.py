@@ -29,6 +29,7 @@ from probekd.report.report import (
     terminal_table,
     verdict,
     write_report,
+    zero_shot_note,
 )
 
 NO_MODEL = "finished cells have no kept model folder"
@@ -195,3 +196,21 @@ def test_a_constructed_uniform_student_is_flagged_failed_and_counted(small_run: 
     targets = text.split("## Targets on train")[1]
     hard_row = next(x for x in targets.splitlines() if x.startswith("| 1 |"))
     assert hard_row.startswith("| 1 | 1.000 / 0.000 |")
+
+
+def test_zero_shot_note_counts_the_students_below_their_untrained_self() -> None:
+    cells = [
+        {"cell": "hard-f1-s0", "accuracy": 0.40, "zero_shot_accuracy": 0.50},
+        {"cell": "probe-f1-s0", "accuracy": 0.60, "zero_shot_accuracy": 0.50},
+        {"cell": "old-f1-s0", "accuracy": 0.10, "zero_shot_accuracy": None},  # made before zero-shot was recorded
+    ]
+    (line, _) = zero_shot_note(cells)
+    assert line.startswith("The student before any training (its own zero-shot answer) scores 0.500 on test")
+    assert line.endswith("1 of 2 trained students end below it: `hard-f1-s0`.")
+    cells[0]["accuracy"] = 0.55
+    cells[1]["zero_shot_accuracy"] = 0.25
+    assert (
+        "0.250 to 0.500 over seeds on test; every one of the 2 trained students ends above it."
+        in zero_shot_note(cells)[0]
+    )
+    assert zero_shot_note(cells[2:]) == []
