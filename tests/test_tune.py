@@ -132,7 +132,8 @@ def test_cli_tune_writes_a_config_the_grid_runs_with_in_the_same_folder(
         assert m["train"]["learning_rate"] == want["learning_rate"]
         assert len(m["dev_accuracy_by_epoch"]) == want["epochs"]
     text = write_report(run).read_text()
-    assert "## Training recipe per signal" in text and "| probe | 0.003 | 2 | 0.1 | 0.01 | the configuration |" in text
+    assert "## Training recipe per signal" in text
+    assert "| probe | 0.003 | 2 | 0.1 | 0.01 | the configuration's `train_by_signal.probe` |" in text
     if summary["signals"]["hard"]["chosen"] == 0:  # hard's students used the recipe the search chose for it
         assert "| hard | 0.0001 | 1 | 0.1 | 0.01 | `probekd tune`: best mean dev accuracy of 3 trials" in text
     # now that students are made with it, another recipe in this folder is refused, naming the field and students

@@ -90,7 +90,10 @@ def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
         del train["weighting"]
     else:
         train["weighting"]["scheme"] = cell.weighting
-    return {"student": cfg.student.model_dump(mode="json"), "train": train}
+    student = cfg.student.model_dump(mode="json")
+    if student["kind"] != "encoder":  # the encoder head means nothing to a causal student
+        del student["head"]
+    return {"student": student, "train": train}
 
 
 def _changed_students(run: Path, old: RunConfig, new: RunConfig) -> list[str]:

@@ -646,9 +646,10 @@ def zero_shot_note(cells: list[dict[str, Any]]) -> list[str]:
     return [f"The student before any training (its own zero-shot answer) scores {where} on test; {tail}", ""]
 
 
-def recipe_table(run: Path, cells: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines of the training recipe each signal's students used, and whether `probekd tune` chose it
-    (RUN/tune/summary.json: on dev, never test)."""
+def recipe_table(run: Path, cells: list[dict[str, Any]], config: Mapping[str, Any]) -> list[str]:
+    """Markdown lines of the training recipe each signal's students used, and where it came from: `probekd tune`
+    in this run folder (RUN/tune/summary.json: on dev, never test), else the configuration's `train_by_signal`
+    entry of the signal (e.g. a recipe tuned elsewhere) or its `train` section."""
     recipes: dict[str, set[tuple[Any, ...]]] = {}
     for c in cells:
         if c.get("train"):
@@ -666,7 +667,8 @@ def recipe_table(run: Path, cells: list[dict[str, Any]]) -> list[str]:
     for signal in sorted(recipes, key=_order):
         t = tuned["signals"].get(signal)
         for r in sorted(recipes[signal], key=str):
-            how = "the configuration"
+            own = signal in (config.get("train_by_signal") or {})
+            how = f"the configuration's `train_by_signal.{signal}`" if own else "the configuration's `train`"
             if t and tuple(t["recipe"].get(k) for k in RECIPE) == r:
                 how = (
                     f"`probekd tune`: best mean dev accuracy of {len(t['trials'])} trials at fraction "
@@ -744,7 +746,7 @@ def render_markdown(report: Report) -> str:
         "",
         *failed_note(cells),
     ]
-    lines += recipe_table(report.run, cells)
+    lines += recipe_table(report.run, cells, cfg)
     lines += label_budget_table(cells)
     lines += targets_table(cells)
     lines += _comparison_table(
