@@ -565,3 +565,16 @@ def test_zero_shot_is_the_untrained_student_on_the_same_questions(
         got = json.loads(metrics_path(finished_run, cell).read_text())["zero_shot"]
         assert got == pytest.approx(want)
     assert sorted(p.name for p in zero_shot_path(finished_run, 0).parent.iterdir()) == ["s0.npz", "s1.npz"]
+
+
+def test_the_encoder_head_is_no_difference_for_a_causal_student() -> None:
+    """A causal run recorded before `student.head` existed (read as `cross`) is the same training as today's default."""
+    from probekd.experiment import cell_training
+    from probekd.layout import Cell
+
+    cell = Cell("probe", 1.0, 0)
+    causal = {"student": {"kind": "causal", "model": "smollm2-135m-instruct"}}
+    old = load_config(None, base={**causal, "student": {**causal["student"], "head": "cross"}})
+    assert cell_training(old, cell) == cell_training(load_config(None, base=causal), cell)
+    encoder = load_config(None, base={"student": {"head": "cross"}})
+    assert cell_training(encoder, cell) != cell_training(load_config(None), cell)
