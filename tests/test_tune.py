@@ -106,6 +106,15 @@ def test_an_interrupted_search_resumes_with_the_trials_it_has(
         missing.exists()
         and again["signals"]["hard"]["trials"][2]["recipe"] == summary["signals"]["hard"]["trials"][2]["recipe"]
     )
+    # another search (other draws, or another training setting) in the same folder is refused, not mixed in
+    other = _config(tiny_llama_dir, tiny_bert_dir, task)
+    other["tune"]["seed"] = 2
+    with pytest.raises(ProbekdError, match=r"t1-s0.json was trained with other .* settings than this search's trial 1"):
+        run_tune(load_config(None, base=other), run)
+    other = _config(tiny_llama_dir, tiny_bert_dir, task)
+    other["train"]["alpha"] = 0.9
+    with pytest.raises(ProbekdError, match=r"t0-s0.json was trained with other"):
+        run_tune(load_config(None, base=other), run)
 
 
 def test_cli_tune_writes_a_config_the_grid_runs_with_in_the_same_folder(

@@ -82,9 +82,10 @@ def trial_path(run: Path, signal: str, trial: int, seed: int) -> Path:
 def run_tune(cfg: Any, run: Path) -> dict[str, Any]:
     """The search of `cfg.tune` in run folder `run` (the targets stage first, if needed); returns and writes
     RUN/tune/summary.json: per signal the trials (recipe, score, per-seed best dev accuracy) and the chosen recipe."""
-    from probekd.experiment import examples_by_id, prepare_cell, prepare_targets
+    from probekd.experiment import cell_training, examples_by_id, prepare_cell, prepare_targets
     from probekd.layout import Cell, load_answers
     from probekd.student.train import train_student
+    from probekd.teacher.cache import fingerprint
 
     tune: TuneConfig = cfg.tune
     signals = tune.signals or cfg.grid.signals
@@ -107,11 +108,20 @@ def run_tune(cfg: Any, run: Path) -> dict[str, Any]:
             for seed in tune.seeds:
                 n += 1
                 path = trial_path(run, signal, t, seed)
-                if not path.exists():
+                cell = Cell(signal, tune.fraction, seed, cfg.train.loss, cfg.train.weighting.scheme)
+                trial_cfg = cfg.model_copy(update={"train_by_signal": cfg.train_by_signal | {signal: recipe}})
+                key = fingerprint(cell_training(trial_cfg, cell))
+                done = json.loads(path.read_text()) if path.exists() else None
+                # (a trial file written before fingerprints were recorded is checked by its recipe alone)
+                if done is not None and (done.get("fingerprint", key) != key or done["recipe"] != recipe):
+                    raise ProbekdError(
+                        f"{path} was trained with other student, training or search settings than this search's "
+                        f"trial {t} ({recipe}); use another run folder, or remove {path.parent.parent} to search again"
+                    )
+                if done is None:
                     log.info("tune %d/%d: %s, trial %d %s, seed %d", n, total, signal, t, recipe, seed)
                     t0 = time.perf_counter()
-                    train_cfg = cfg.train_for(signal).model_copy(update=recipe)
-                    cell = Cell(signal, tune.fraction, seed)
+                    train_cfg = trial_cfg.train_for(signal)
                     student, train_rows, dev_rows, _ = prepare_cell(run, cfg, cell, caches, examples)
                     history = train_student(
                         student, train_rows, dev_rows, train_cfg, path.parent / f"t{t}-s{seed}-checkpoints", seed,
@@ -119,9 +129,10 @@ def run_tune(cfg: Any, run: Path) -> dict[str, Any]:
                     )  # fmt: skip
                     dev = [h["eval_accuracy"] for h in history if "eval_accuracy" in h]
                     record = {"recipe": recipe, "dev_accuracy_by_epoch": dev, "best_dev_accuracy": max(dev),
-                              "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+                              "seconds": round(time.perf_counter() - t0, 1), "fingerprint": key}  # fmt: skip
                     write_json(path, record)
-                best.append(json.loads(path.read_text())["best_dev_accuracy"])
+                    done = record
+                best.append(done["best_dev_accuracy"])
             rows.append({"trial": t, "recipe": recipe, "dev_accuracy": best, "score": float(np.mean(best))})
         chosen = max(rows, key=lambda r: (r["score"], -r["trial"]))
         summary["signals"][signal] = {"trials": rows, "chosen": chosen["trial"], "recipe": chosen["recipe"]}
