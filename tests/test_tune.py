@@ -11,13 +11,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import probekd
 from probekd.cli import app
 from probekd.config import load_config
 from probekd.data.tasks import _builtin_root
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import run_experiment
 from probekd.report.report import write_report
-from probekd.tune import TuneConfig, recipes, run_tune, trial_path, tuned_overrides
+from probekd.tuning import TuneConfig, recipes, run_tune, trial_path, tuned_overrides
 
 SIZES = {"train": 24, "dev": 12, "test": 12}
 
@@ -129,6 +130,7 @@ def test_cli_tune_writes_a_config_the_grid_runs_with_in_the_same_folder(
     assert "chosen" in res.output and f"probekd run {run / 'tune' / 'tuned.yaml'} --out {run}" in res.output
     cfg = load_config(run / "tune" / "tuned.yaml")
     assert cfg.train_by_signal == tuned_overrides(summary)
+    assert probekd.tune(str(config), run) == cfg  # the Python API: the same search (every trial there), same config
     for signal in ("hard", "probe"):
         assert cfg.train_for(signal).learning_rate == summary["signals"][signal]["recipe"]["learning_rate"]
     # the tune folder's config differs in train_by_signal while no student is made: fine. (A tiny random student

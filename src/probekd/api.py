@@ -3,6 +3,7 @@
     import probekd
     task = probekd.load_task("arc_easy")                       # a Task: its splits' MCQExamples
     cfg = probekd.load_config("my.yaml", ["grid.seeds=[0]"])   # a typed RunConfig (or from a dict)
+    cfg = probekd.tune(cfg, "runs/mine")                       # optional: each signal's recipe chosen on dev
     cells = probekd.run(cfg, "runs/mine")                      # extract, probe, targets, students, report; resumes
     rows = probekd.results("runs/mine")                        # one dict per finished student (results.csv)
     folder = probekd.export("runs/mine", signal="probe")       # the best-dev kept student, ready to share
@@ -54,6 +55,15 @@ def run(
     if stage != "targets":
         write_report(Path(out))
     return cells
+
+
+def tune(config: RunConfig | str | Path | dict[str, Any], out: str | Path) -> RunConfig:
+    """`probekd tune`: search each signal's training recipe on dev (never test) in the run folder `out`; returns
+    the configuration with the chosen recipes (`train_by_signal`), to `run` in the same folder."""
+    from probekd.tuning import run_tune, tuned_config
+
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    return tuned_config(cfg, run_tune(cfg, Path(out)))
 
 
 def results(run: str | Path) -> list[dict[str, Any]]:

@@ -332,7 +332,7 @@ def tune(
     RUN/tune/summary.json and a configuration with the chosen recipes (`train_by_signal`) to run the grid with."""
     from probekd.atomic import write_text
     from probekd.config import dump_config, load_config
-    from probekd.tune import run_tune, tuned_overrides
+    from probekd.tuning import run_tune, tuned_config
 
     cfg = load_config(config, set_)
     run_dir = out or Path("runs") / config.stem
@@ -346,7 +346,7 @@ def tune(
                  f"{r['weight_decay']:g}", f"{t['score']:.3f}", "chosen" if t["trial"] == s["chosen"] else ""]
             )  # fmt: skip
     _print_table(rows)
-    tuned = cfg.model_copy(update={"train_by_signal": cfg.train_by_signal | tuned_overrides(summary)})
+    tuned = tuned_config(cfg, summary)
     path = write_config or run_dir / "tune" / "tuned.yaml"
     write_text(path, dump_config(tuned))
     typer.echo(f"tuned configuration: {path}")

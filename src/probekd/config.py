@@ -19,7 +19,7 @@ from probekd.student.heads import StudentConfig, recorded_student
 from probekd.student.train_config import TrainConfig, check_loss, check_loss_options
 from probekd.targets import SIGNALS
 from probekd.teacher.pipeline import ExtractConfig
-from probekd.tune import TUNED_FIELDS, TuneConfig
+from probekd.tuning import TUNED_FIELDS, TuneConfig
 from probekd.weighting import Scheme
 
 SPLITS = ("train", "dev", "test")

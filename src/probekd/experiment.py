@@ -48,7 +48,7 @@ from probekd.probes.select import chosen_label
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
-from probekd.tune import TUNED_FIELDS
+from probekd.tuning import TUNED_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -143,3 +143,8 @@ def run_tune(cfg: Any, run: Path) -> dict[str, Any]:
 def tuned_overrides(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     """`train_by_signal` from a tune summary: each signal's chosen recipe."""
     return {s: dict(v["recipe"]) for s, v in summary["signals"].items()}
+
+
+def tuned_config(cfg: Any, summary: dict[str, Any]) -> Any:
+    """`cfg` with each tuned signal's chosen recipe in `train_by_signal` (the others keep theirs)."""
+    return cfg.model_copy(update={"train_by_signal": cfg.train_by_signal | tuned_overrides(summary)})
