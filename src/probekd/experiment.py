@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,26 +179,26 @@ def examples_by_id(
     return {s: {e.id: e for e in loaded.splits[s]} for s in splits if s in loaded.splits}
 
 
+def _within_labelled(c: TeacherCache, pick: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """Bool [N] over the rows of `c`: True on the labelled rows that `pick` keeps (given their ids, in order)."""
+    lab_all = c.answers >= 0
+    keep = np.zeros(len(c.ids), dtype=bool)
+    keep[np.flatnonzero(lab_all)] = pick([i for i, ok in zip(c.ids, lab_all, strict=True) if ok])
+    return keep
+
+
 def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
     """The training rows whose gold label a cell may use: the nested subset of the labelled rows."""
-    lab_all = train.answers >= 0
-    labelled = np.zeros(len(train.ids), dtype=bool)
-    lab_ids = [i for i, ok in zip(train.ids, lab_all, strict=True) if ok]
-    labelled[np.flatnonzero(lab_all)] = labelled_subset(lab_ids, fraction, seed)
-    return labelled
+    return _within_labelled(train, lambda ids: labelled_subset(ids, fraction, seed))
 
 
 def dev_labelled(dev: TeacherCache, grid: GridConfig, fraction: float, seed: int) -> np.ndarray:
     """The dev rows whose gold label a cell may use for selection (bool [N_dev]): every labelled row under
     `grid.dev: full`; under `proportional`, the cell's fraction of them (`probekd.targets.dev_subset`, at least
     `grid.min_dev`)."""
-    lab_all = dev.answers >= 0
     if grid.dev == "full":
-        return lab_all
-    keep = np.zeros(len(dev.ids), dtype=bool)
-    lab_ids = [i for i, ok in zip(dev.ids, lab_all, strict=True) if ok]
-    keep[np.flatnonzero(lab_all)] = dev_subset(lab_ids, fraction, seed, grid.min_dev)
-    return keep
+        return dev.answers >= 0
+    return _within_labelled(dev, lambda ids: dev_subset(ids, fraction, seed, grid.min_dev))
 
 
 def _student_inputs_there(run: Path) -> bool:
