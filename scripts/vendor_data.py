@@ -1,7 +1,8 @@
 """Copy the benchmark files the project ships from a development data folder into src/probekd/data/builtin.
 
 Run once by a developer (`python scripts/vendor_data.py ../shared/data`); the package never reads the source folder.
-Unused fields are dropped (ARC's per-choice retrieval `para`, AQuA's `rationale`); license notes are kept.
+Unused fields are dropped (ARC's per-choice retrieval `para`); AQuA keeps its `rationale` (the worked solutions of
+the generative track); GSM8K is copied as it is; license notes are kept.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ def vendor(src: Path) -> None:
             _write_jsonl(rows, DEST / name / f"{split}.jsonl")
     for split in ("dev", "test"):
         rows = [
-            {k: r[k] for k in ("question", "options", "correct")}
+            {k: r[k] for k in ("question", "options", "rationale", "correct")}
             for r in _read_jsonl(src / "aqua_rat" / f"{split}.json")
         ]
         _write_jsonl(rows, DEST / "aqua_rat" / f"{split}.jsonl")
     shutil.copy(src / "aqua_rat" / "LICENSE", DEST / "aqua_rat" / "LICENSE")
+    (DEST / "gsm8k").mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "test.jsonl", "LICENSE"):
+        shutil.copy(src / "gsm8k" / name, DEST / "gsm8k" / name)
     for split in ("dev", "test"):
         out = DEST / "mmlu" / split
         out.mkdir(parents=True, exist_ok=True)
@@ -55,5 +59,5 @@ def vendor(src: Path) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("src", type=Path, help="the development data folder (with arc/, mmlu/, aqua_rat/)")
+    ap.add_argument("src", type=Path, help="the development data folder (with arc/, mmlu/, aqua_rat/, gsm8k/)")
     vendor(ap.parse_args().src)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from probekd.data.tasks import _builtin_root
+from probekd.data.tasks import builtin_root
 
 EXE = shutil.which("probekd", path=str(Path(sys.executable).parent)) or shutil.which("probekd")
 
@@ -34,7 +34,7 @@ def test_data_stats_json_exact() -> None:
 
 
 def test_data_stats_on_a_folder_table(tmp_path: Path) -> None:
-    lines = (_builtin_root() / "arc_easy" / "dev.jsonl").read_text().splitlines()
+    lines = (builtin_root() / "arc_easy" / "dev.jsonl").read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(lines[:30]) + "\n")
     (tmp_path / "test.jsonl").write_text("\n".join(lines[30:40]) + "\n")
     out = run("data", "stats", str(tmp_path)).stdout.splitlines()

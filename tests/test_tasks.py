@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from probekd.data import load_task, split_stats
-from probekd.data.tasks import TaskSpec, _builtin_root, hash_partition
+from probekd.data.tasks import TaskSpec, builtin_root, hash_partition
 from probekd.errors import DataError
 
 
@@ -74,7 +74,7 @@ def test_hash_partition_properties() -> None:
 
 
 def test_user_folder_in_ai2_format(tmp_path: Path) -> None:
-    src = _builtin_root() / "arc_easy"
+    src = builtin_root() / "arc_easy"
     for split, alias in (("train", "train"), ("dev", "validation"), ("test", "test")):
         lines = (src / f"{split}.jsonl").read_text().splitlines()[:7]
         (tmp_path / f"{alias}.jsonl").write_text("\n".join(lines) + "\n")
@@ -107,7 +107,7 @@ def test_task_spec_forbids_unknown_fields() -> None:
 
 
 def test_builtin_data_has_license_notes() -> None:
-    root = _builtin_root()
+    root = builtin_root()
     text = (root / "README.md").read_text()
     for needle in ("CC BY-SA 4.0", "MIT", "Apache-2.0"):
         assert needle in text

@@ -9,6 +9,8 @@
     folder = probekd.export("runs/mine", signal="probe")       # the best-dev kept student, ready to share
     student = probekd.load_student(folder)                     # answers new questions
     student.predict([{"question": "...", "options": ["...", "..."]}])
+    problems = probekd.load_problems("gsm8k")                  # free-form tasks: Problems per split
+    ro = probekd.rollouts("arith:steps=1", "smollm2-135m-instruct", "runs/ro", limit=50, k=8)  # ro.pass_rates
 
 `import probekd` loads none of this (nor torch): each name is imported when first used.
 """
@@ -16,11 +18,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probekd.config import RunConfig
 from probekd.data.tasks import Task
 from probekd.predict import KeptStudent
+
+if TYPE_CHECKING:  # the generative track imports torch and transformers: only when used
+    from probekd.generative.problems import ProblemSet
+    from probekd.generative.rollouts import RolloutSet
 
 
 def load_task(task: str, fmt: str = "auto", columns: dict[str, Any] | None = None) -> Task:
@@ -85,3 +91,21 @@ def export(
 def load_student(folder: str | Path, device: str = "cpu") -> KeptStudent:
     """A kept student (RUN/students/<cell>/model/ or an exported folder), ready to `predict`."""
     return KeptStudent(folder, device)
+
+
+def load_problems(task: str) -> ProblemSet:
+    """A free-form task (`gsm8k`, `aqua_rat`, `arith:steps=S,digits=D`) as Problems per split."""
+    from probekd.generative.problems import load_problems as _load
+
+    return _load(task)
+
+
+def rollouts(
+    task: str, model: str, out: str | Path, *, split: str = "train", limit: int | None = None, **sampling: Any
+) -> RolloutSet:
+    """`probekd rollouts`: K graded solutions per problem of a free-form task's split, sampled from `model` into
+    `out/rollouts/<split>/` (resumable); `sampling` sets `RolloutConfig` fields (k, temperature, top_p,
+    max_new_tokens, batch_size, seed). The result's `pass_rates` are what PACED weights."""
+    from probekd.generative.rollouts import RolloutConfig, rollouts_stage
+
+    return rollouts_stage(task, model, Path(out), split=split, limit=limit, cfg=RolloutConfig(**sampling))

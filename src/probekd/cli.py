@@ -54,9 +54,21 @@ def data_stats(
         str | None, typer.Option(help='Field mapping for generic files, as JSON: \'{"question": "q", "answer": "y"}\'.')
     ] = None,
 ) -> None:
-    """Per split: how many examples, how many labelled, and how many have each number of options."""
+    """Per split: how many examples, how many labelled, and how many have each number of options (a free-form
+    task: how many have a worked solution)."""
     from probekd.data import load_task, split_stats
+    from probekd.generative.problems import is_freeform, load_problems, problem_stats
 
+    if is_freeform(task) and task != "aqua_rat":
+        stats = {split: problem_stats(ps) for split, ps in load_problems(task).splits.items()}
+        if as_json:
+            typer.echo(json.dumps(stats))
+            return
+        header = ["split", "n", "labelled", "with solution"]
+        _print_table(
+            [header, *[[k, str(s["n"]), str(s["labelled"]), str(s["with_rationale"])] for k, s in stats.items()]]
+        )
+        return
     loaded = load_task(_task_spec(task, fmt, columns))
     stats = {split: split_stats(exs) for split, exs in loaded.splits.items()}
     if as_json:
@@ -71,10 +83,13 @@ def data_stats(
 
 @data_app.command("tasks")
 def data_tasks() -> None:
-    """List the built-in tasks."""
+    """List the built-in tasks: multiple-choice (extract, probe, run) and free-form (rollouts)."""
     from probekd.data import list_tasks
+    from probekd.generative.problems import FREEFORM_TASKS
 
-    _print_table([["task", "description"], *[[k, v] for k, v in list_tasks().items()]])
+    rows = [[k, "multiple-choice", v] for k, v in list_tasks().items()]
+    rows += [[k, "free-form", desc] for k, (desc, _) in FREEFORM_TASKS.items()]
+    _print_table([["task", "kind", "description"], *rows])
 
 
 @models_app.command("list")
@@ -165,6 +180,50 @@ def extract(
         eps = "-" if s["examples_per_s"] is None else f"{s['examples_per_s']:.1f}"
         rows.append([split, str(s["n"]), f"{s['teacher_accuracy']:.3f}", eps, f"{s['cache_bytes'] / 1e6:.1f}"])
     _print_table(rows)
+
+
+@app.command("rollouts")
+def rollouts(
+    task: Annotated[str, typer.Argument(help="Free-form task: gsm8k, aqua_rat, or arith:steps=S,digits=D.")],
+    model: Annotated[str, typer.Option(help="Causal LM: packaged name, local folder, or HF id.")],
+    out: Annotated[Path, typer.Option(help="Run directory; rollouts go to OUT/rollouts/<split>/.")],
+    split: Annotated[str, typer.Option(help="train, dev or test.")] = "train",
+    limit: Annotated[int | None, typer.Option(help="Only the first N problems of the split.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Rollouts per problem.")] = 8,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1: off).")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest solution in tokens.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Problems per generate call (each with K rollouts).")] = 8,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace a rollout cache made from other inputs.")] = False,
+) -> None:
+    """Sample K solutions per problem from a model, grade them by their final answer, and print the pass rates
+    (cached and resumable: rerun to finish; OUT/rollouts/<split>/summary.json holds the statistics)."""
+    from pydantic import ValidationError
+
+    from probekd.generative.rollouts import RolloutConfig, rollouts_stage
+
+    try:
+        cfg = RolloutConfig(k=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                            batch_size=batch_size, seed=seed)  # fmt: skip
+    except ValidationError as e:
+        raise ProbekdError(f"bad option: {e}") from e
+    rollouts_stage(task, model, out, split=split, limit=limit, cfg=cfg, device=device, overwrite=overwrite)
+    s = json.loads((out / "rollouts" / split / "summary.json").read_text())
+    typer.echo(f"{s['n']} problems x {k} rollouts: mean pass rate {s['mean_pass_rate']:.3f}, never solved "
+               f"{s['never_solved']:.1%}, always solved {s['always_solved']:.1%}")  # fmt: skip
+    h = s["pass_rate_histogram"]
+    rows = [["pass rate", "problems"]]
+    rows += [[f"[{lo:.1f}, {hi:.1f}{']' if i == len(h['counts']) - 1 else ')'}", str(c)]
+             for i, (lo, hi, c) in enumerate(zip(h["edges"], h["edges"][1:], h["counts"], strict=False))]  # fmt: skip
+    _print_table(rows)
+    w = s["paced_weights"]
+    if "ess" in w:
+        typer.echo(f"PACED weights (alpha = beta = 1): effective sample size {w['ess']:.1f} of {w['n']} "
+                   f"({w['ess_share']:.1%}), zero weight {w['zero_share']:.1%}")  # fmt: skip
+    else:
+        typer.echo("PACED weights (alpha = beta = 1): all zero (every problem always or never solved)")
 
 
 def _print_probe_summary(s: dict[str, Any], run: Path) -> None:

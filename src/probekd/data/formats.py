@@ -78,11 +78,11 @@ def read_examples(
     fmt = detect_format(path) if fmt == "auto" else fmt
     prefix = f"{path.stem}:" if id_prefix is None else id_prefix
     if fmt == "ai2":
-        examples = [_ai2_example(obj, where) for where, _, obj in _iter_json_records(path)]
+        examples = [_ai2_example(obj, where) for where, _, obj in iter_json_records(path)]
     elif fmt == "aqua":
-        examples = [_aqua_example(obj, where, f"{prefix}{n}") for where, n, obj in _iter_json_records(path)]
+        examples = [_aqua_example(obj, where, f"{prefix}{n}") for where, n, obj in iter_json_records(path)]
     elif fmt == "jsonl":
-        examples = records_to_examples(_iter_json_records(path), columns or Columns(), prefix)
+        examples = records_to_examples(iter_json_records(path), columns or Columns(), prefix)
     elif fmt in ("csv", "mmlu"):
         cols = columns or (MMLU_COLUMNS if fmt == "mmlu" else Columns())
         if cols.options is None:
@@ -102,7 +102,7 @@ def detect_format(path: Path) -> str:
     if suffix == ".csv":
         return "mmlu" if {"question", "choice0", "answer"} <= set(_csv_header(path)) else "csv"
     if suffix in (".jsonl", ".json"):
-        first = next(_iter_json_records(path), None)
+        first = next(iter_json_records(path), None)
         if first is None:
             raise DataError("file has no records", str(path))
         obj = first[2]
@@ -118,7 +118,7 @@ def detect_format(path: Path) -> str:
 # record iteration
 
 
-def _iter_json_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
+def iter_json_records(path: Path) -> Iterator[tuple[str, int, dict[str, Any]]]:
     """Yield (where, line-or-index, object) from JSON lines, or from a file holding one JSON array."""
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):

@@ -68,7 +68,7 @@ class PromptTemplate(BaseModel):
         body = self.body(example)
         if self.style == "plain":
             return body
-        return _chat(tokenizer, self.system, body)
+        return chat_prompt(tokenizer, self.system, body)
 
     def answer_strings(self, k: int) -> list[str]:
         """The K strings whose first token is scored as each option's letter (' A', ' B', ...)."""
@@ -78,11 +78,13 @@ class PromptTemplate(BaseModel):
         """`option` formulation: (shared prefix, one continuation per option)."""
         prefix = self.option_prefix.format(question=example.question.strip())
         if self.style == "chat":
-            prefix = _chat(tokenizer, self.system, prefix)
+            prefix = chat_prompt(tokenizer, self.system, prefix)
         return prefix, [self.option_continuation.format(text=t.strip()) for t in example.options]
 
 
-def _chat(tokenizer: Any, system: str | None, user: str) -> str:
+def chat_prompt(tokenizer: Any, system: str | None, user: str) -> str:
+    """`user` as a user turn in the tokenizer's chat template (after `system`, if given), ending in the assistant's
+    generation prompt."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ConfigError("prompt style 'chat' needs a tokenizer with a chat template; use the 'base' preset")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]

@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,7 @@ from probekd.data.examples import MCQExample, check_unique_ids
 from probekd.data.formats import Columns, read_examples, read_hf
 from probekd.errors import DataError
 
+T = TypeVar("T")
 SPLITS = ("train", "dev", "test")
 SPLIT_ALIASES = {"train": ("train",), "dev": ("dev", "validation", "val", "valid"), "test": ("test",)}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -63,7 +64,8 @@ class Task:
         return [ex for split in self.splits.values() for ex in split]
 
 
-def _builtin_root() -> Path:
+def builtin_root() -> Path:
+    """The folder of the benchmark files shipped with the package."""
     return Path(str(resources.files("probekd.data") / "builtin"))
 
 
@@ -71,7 +73,7 @@ def _rank(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
-def hash_partition(examples: list[MCQExample], key: str, fractions: dict[str, float]) -> dict[str, list[MCQExample]]:
+def hash_partition(examples: list[T], key: str, fractions: dict[str, float]) -> dict[str, list[T]]:
     """Split examples deterministically: rank by sha256(f"{key}/{position}"), cut by `fractions` in order.
 
     The last split gets the remainder; within each split the original file order is kept.
@@ -89,12 +91,12 @@ def hash_partition(examples: list[MCQExample], key: str, fractions: dict[str, fl
 
 
 def _load_arc(folder: str) -> Task:
-    root = _builtin_root() / folder
+    root = builtin_root() / folder
     return Task(folder, {s: read_examples(root / f"{s}.jsonl", "ai2") for s in SPLITS})
 
 
 def _load_mmlu() -> Task:
-    root = _builtin_root() / "mmlu"
+    root = builtin_root() / "mmlu"
     splits: dict[str, list[MCQExample]] = {s: [] for s in SPLITS}
     for f in sorted((root / "test").glob("*_test.csv")):
         subject = f.name.removesuffix("_test.csv")
@@ -109,7 +111,7 @@ def _load_mmlu() -> Task:
 
 
 def _load_aqua() -> Task:
-    root = _builtin_root() / "aqua_rat"
+    root = builtin_root() / "aqua_rat"
     dev = read_examples(root / "dev.jsonl", "aqua", id_prefix="aqua_rat/dev:")
     parts = hash_partition(dev, "aqua_rat/dev", {"dev": 0.2, "train": 0.8})
     test = read_examples(root / "test.jsonl", "aqua", id_prefix="aqua_rat/test:")
@@ -171,6 +173,14 @@ def load_task(spec: TaskSpec | str) -> Task:
     elif Path(spec.name).is_dir():
         task = _load_folder(Path(spec.name), spec)
     else:
+        from probekd.generative.problems import is_freeform
+
+        if is_freeform(spec.name):
+            raise DataError(
+                f"{spec.name!r} is a free-form task (graded by its final answer), not a multiple-choice one: "
+                "it has no options to extract, probe or score; use it with `probekd rollouts` "
+                "(`probekd data stats` lists its splits)"
+            )
         raise DataError(
             f"unknown task {spec.name!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}), "
             "not an existing folder, and not hf:<dataset>"

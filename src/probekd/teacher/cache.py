@@ -45,12 +45,16 @@ def differing_fields(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def shard_path(folder: Path, i: int) -> Path:
-    return folder / f"shard-{i:05d}.safetensors"
+def shard_path(folder: Path, i: int, suffix: str = ".safetensors") -> Path:
+    return folder / f"shard-{i:05d}{suffix}"
 
 
-def open_cache(folder: Path, manifest: dict[str, Any], *, overwrite: bool = False) -> list[int]:
-    """Create or reopen a cache for `manifest`; return the indices of the shards still missing.
+def open_cache(
+    folder: Path, manifest: dict[str, Any], *, overwrite: bool = False, suffix: str = ".safetensors",
+    what: str = "teacher cache",
+) -> list[int]:  # fmt: skip
+    """Create or reopen a sharded cache for `manifest` (`fingerprint`, `fields`, `n_shards`); return the indices of
+    the shards still missing (`shard-<i><suffix>` files; each is written atomically, so one that exists is complete).
 
     An existing cache with another fingerprint raises CacheMismatchError naming the fields that differ, unless
     `overwrite`, which deletes it first.
@@ -62,13 +66,13 @@ def open_cache(folder: Path, manifest: dict[str, Any], *, overwrite: bool = Fals
             if not overwrite:
                 diff = differing_fields(old.get("fields", {}), manifest["fields"])
                 raise CacheMismatchError(
-                    f"the teacher cache at {folder} was made with different inputs (differs in: {', '.join(diff)}); "
+                    f"the {what} at {folder} was made with different inputs (differs in: {', '.join(diff)}); "
                     "use another --out, or pass --overwrite to replace it"
                 )
-            for f in folder.glob("shard-*.safetensors"):
+            for f in folder.glob(f"shard-*{suffix}"):
                 f.unlink()
     write_json(mpath, manifest)
-    return [i for i in range(manifest["n_shards"]) if not shard_path(folder, i).exists()]
+    return [i for i in range(manifest["n_shards"]) if not shard_path(folder, i, suffix).exists()]
 
 
 def write_shard(folder: Path, i: int, ids: list[str], tensors: dict[str, torch.Tensor], storage_dtype: str) -> None:

@@ -1,0 +1,267 @@
+"""The generative track: grading by the final answer, the free-form tasks, and rollouts from a tiny real model."""
+
+from __future__ import annotations
+
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from probekd.cli import app
+from probekd.data import load_task
+from probekd.errors import DataError, ProbekdError
+from probekd.generative.grading import canonical, grade, parse_number
+from probekd.generative.problems import Problem, load_problems, parse_arith
+from probekd.generative.rollouts import (
+    RolloutConfig,
+    answer_line_end,
+    encode_prompts,
+    load_rollouts,
+    run_rollouts,
+    sample_solutions,
+)
+from probekd.teacher.cache import CacheMismatchError
+
+# --- grading ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("1,000", Fraction(1000)),
+        ("$1,234.50", Fraction(246900, 200)),
+        ("-3/4", Fraction(-3, 4)),
+        ("−12", Fraction(-12)),  # a Unicode minus
+        ("12% of them", Fraction(12)),
+        ("5 dollars", Fraction(5)),
+        (".5", Fraction(1, 2)),
+        ("0.750", Fraction(3, 4)),
+        ("no digits here", None),
+        ("7/0", None),
+    ],
+)
+def test_parse_number_golden(text: str, value: Fraction | None) -> None:
+    assert parse_number(text) == value
+
+
+@pytest.mark.parametrize(
+    ("solution", "gold", "right"),
+    [
+        ("48/2 = 24 clips in May.\n48+24 = 72\n#### 72", "72", True),
+        ("She earns $1,000.00 in total.\n#### $1,000", "1000", True),
+        ("#### 1000 dollars\nthen some chatter 5", "1000", True),  # the answer line wins over a later number
+        ("So the answer is 18.", "18", True),
+        ("Answer: -7", "-7", True),
+        ("The result: 3 + 4 = 7", "7", True),  # no answer line: the last number
+        ("3/4 of the cake\n#### 0.75", "3/4", True),
+        ("#### 71", "72", False),
+        ("#### I am not sure", "72", False),  # an answer line without a number does not fall back
+        ("I have no idea.", "72", False),
+    ],
+)
+def test_grade_numbers(solution: str, gold: str, right: bool) -> None:
+    assert grade(solution, gold, "number") is right
+
+
+@pytest.mark.parametrize(
+    ("solution", "gold", "right"),
+    [
+        ("Speed = 60 * 540 = 32400\n#### A", "A", True),
+        ("x = 250 m. The answer is (D)", "D", True),
+        ("Answer: e", "E", False),  # a lower-case letter is a word, not an option
+        ("Correct answer - C", "C", True),
+        ("We get 4 apples.\n#### B)", "B", True),
+        ("A train goes fast. 12 km", "A", False),  # no answer statement: no guess from the first word
+    ],
+)
+def test_grade_letters(solution: str, gold: str, right: bool) -> None:
+    assert grade(solution, gold, "letter") is right
+
+
+@given(st.integers(-(10**9), 10**9), st.booleans(), st.booleans())
+def test_grade_any_integer_in_any_format(n: int, commas: bool, dollars: bool) -> None:
+    body = f"{abs(n):,}" if commas else str(abs(n))
+    shown = ("-" if n < 0 else "") + ("$" if dollars else "") + body
+    assert grade(f"Some work.\n#### {shown}", str(n), "number")
+    assert not grade(f"Some work.\n#### {shown}", str(n + 1), "number")
+
+
+def _decimal(q: Fraction) -> str:
+    """A terminating fraction's exact decimal digits, e.g. -13/8 -> "-1.625000"."""
+    scaled = abs(q.numerator) * (10**6 // q.denominator)
+    return f"{'-' if q < 0 else ''}{scaled // 10**6}.{scaled % 10**6:06d}"
+
+
+@given(st.fractions(max_denominator=64))
+def test_a_fraction_equals_its_decimal_when_it_has_one(q: Fraction) -> None:
+    as_ratio = f"{q.numerator}/{q.denominator}"
+    assert canonical(as_ratio, "number") == str(q)
+    if 10**6 % q.denominator == 0:  # a terminating decimal, written out exactly
+        assert grade(f"#### {_decimal(q)}", as_ratio, "number")
+
+
+# --- problems --------------------------------------------------------------------------------------------------
+
+
+def test_gsm8k_splits_and_solutions_grade_themselves() -> None:
+    ps = load_problems("gsm8k")
+    sizes = {k: len(v) for k, v in ps.splits.items()}
+    assert sizes == {"train": 6726, "dev": 747, "test": 1319}
+    assert sizes["train"] + sizes["dev"] == 7473
+    train_ids = {p.id for p in ps.splits["train"]}
+    assert not train_ids & {p.id for p in ps.splits["dev"]}
+    assert [p.id for p in load_problems("gsm8k").splits["dev"]] == [p.id for p in ps.splits["dev"]]
+    for p in ps.splits["train"] + ps.splits["test"]:
+        assert p.rationale is not None and "<<" not in p.rationale
+        assert grade(p.rationale, p.answer or "", "number"), p.id  # the grader reads the data's own solutions
+
+
+def test_aqua_problems_share_ids_and_splits_with_the_multiple_choice_task() -> None:
+    ps = load_problems("aqua_rat")
+    mcq = load_task("aqua_rat")
+    for split in ("train", "dev", "test"):
+        assert [p.id for p in ps.splits[split]] == [ex.id for ex in mcq.splits[split]]
+        for p, ex in zip(ps.splits[split], mcq.splits[split], strict=True):
+            assert p.kind == "letter" and "ABCDE".index(p.answer or "?") == ex.answer
+            assert grade(p.rationale or "", p.answer or "", "letter")
+
+
+def test_arith_problems_are_correct_deterministic_and_parametrized() -> None:
+    ps = load_problems("arith:steps=4,digits=3,n_train=50,n_dev=5,n_test=7")
+    assert {k: len(v) for k, v in ps.splits.items()} == {"train": 50, "dev": 5, "test": 7}
+    again = load_problems("arith:steps=4,digits=3,n_train=50,n_dev=5,n_test=7")
+    assert [p.question for p in again.splits["train"]] == [p.question for p in ps.splits["train"]]
+    other_seed = load_problems("arith:steps=4,digits=3,n_train=50,seed=1")
+    assert [p.question for p in other_seed.splits["train"]] != [p.question for p in ps.splits["train"]]
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    for p in ps.splits["train"]:
+        lines = (p.rationale or "").splitlines()
+        assert len(lines) == 5
+        value = int(re.search(r"Start with (\d+)", p.question).group(1))  # type: ignore[union-attr]
+        for line in lines[:-1]:
+            a, op, b, _, c = line.split()
+            assert int(a) == value and int(c) == ops[op](int(a), int(b))
+            value = int(c)
+        assert p.answer == str(value) and lines[-1] == f"#### {value}"
+
+
+@pytest.mark.parametrize("name", ["arith:steps=0", "arith:digits=12", "arith:depth=3", "arith:steps=x", "gsm8k:n=3"])
+def test_bad_free_form_task_names_are_refused(name: str) -> None:
+    with pytest.raises(DataError):
+        load_problems(name)
+
+
+def test_arith_defaults_and_the_multiple_choice_loader_refuses_free_form_tasks() -> None:
+    assert parse_arith("arith")["steps"] == 3
+    with pytest.raises(DataError, match="free-form"):
+        load_task("gsm8k")
+
+
+def test_problem_validates_its_gold_answer() -> None:
+    with pytest.raises(DataError, match="not a number"):
+        Problem("p1", "How many?", "many")
+
+
+# --- rollouts (tiny random Llama: the sampling, caching and grading path, not the answers) ---------------------
+
+
+def _tiny(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def test_answer_line_end() -> None:
+    assert answer_line_end("work\n#### 72\nmore") == len("work\n#### 72\n")
+    assert answer_line_end("work\n#### 72") is None  # the line is not finished yet
+    assert answer_line_end("####\n") is None
+
+
+def test_batched_sampling_with_a_shared_prompt_cache_matches_greedy_generate_alone(tiny_llama_dir: Path) -> None:
+    """Near-zero temperature turns sampling into argmax: the batched, left-padded path with the prompt cache
+    repeated K times must then give what `generate` gives each prompt alone (positions and masks are right)."""
+    import torch
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    # weights far from the usual tiny init, so that positions and masks change the argmax (with the default
+    # 0.02 init, wrong position ids for the left-padded prompts went unnoticed)
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(tiny_llama_dir, initializer_range=0.5)
+    model, tok = AutoModelForCausalLM.from_config(config).eval(), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    problems = [Problem(f"p{i}", q, "1") for i, q in enumerate(["Start with 3.", "Add 12345 to 9 and then 7", "1"])]
+    cfg = RolloutConfig(k=2, temperature=1e-6, top_p=1.0, max_new_tokens=12)
+    prompts = encode_prompts(tok, problems, cfg.prompt)
+    assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
+    batched = sample_solutions(model, tok, prompts, cfg, seed=0)
+    for prompt, sols in zip(prompts, batched, strict=True):
+        alone = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        text = tok.decode(alone[0, len(prompt) :], skip_special_tokens=True)
+        assert [s for s, _ in sols] == [text, text]
+
+
+def test_rollouts_are_cached_graded_and_resume_identically(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model, tok = _tiny(tiny_llama_dir)
+    problems = load_problems("arith:steps=1,digits=1,n_train=5").splits["train"]
+    cfg = RolloutConfig(k=3, max_new_tokens=5, batch_size=2, temperature=1.0, top_p=1.0)
+    out = tmp_path / "ro"
+    first = run_rollouts(model, tok, problems, cfg, out, model_id="tiny", progress=False)
+    assert first.ids == [p.id for p in problems]
+    assert [len(r) for r in first.rollouts] == [3] * 5
+    assert sorted(f.name for f in out.glob("shard-*")) == [
+        "shard-00000.jsonl",
+        "shard-00001.jsonl",
+        "shard-00002.jsonl",
+    ]
+    for p, rs, rate in zip(problems, first.rollouts, first.pass_rates, strict=True):
+        assert rate == sum(grade(r.text, p.answer or "", "number") for r in rs) / 3
+        assert all(0 < r.tokens <= 5 for r in rs)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n"] == 5 and sum(summary["pass_rate_histogram"]["counts"]) == 5
+
+    (out / "shard-00001.jsonl").unlink()  # a killed run: the batch is sampled again, with the same seed
+    with pytest.raises(ProbekdError, match="incomplete"):
+        load_rollouts(out)
+    resumed = run_rollouts(model, tok, problems, cfg, out, model_id="tiny", progress=False)
+    assert [[r.text for r in rs] for rs in resumed.rollouts] == [[r.text for r in rs] for rs in first.rollouts]
+
+    with pytest.raises(CacheMismatchError, match="sampling"):
+        run_rollouts(model, tok, problems, cfg.model_copy(update={"k": 4}), out, model_id="tiny", progress=False)
+
+
+def test_rollouts_refuse_unlabelled_problems(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model, tok = _tiny(tiny_llama_dir)
+    with pytest.raises(ProbekdError, match="gold answer"):
+        run_rollouts(model, tok, [Problem("u", "How many?", None)], RolloutConfig(), tmp_path, model_id="tiny")
+
+
+def test_cli_rollouts_and_free_form_stats(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["rollouts", "arith:steps=1,digits=1", "--model", str(tiny_llama_dir), "--out", str(tmp_path), "--limit", "3",
+         "--k", "2", "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "3 problems x 2 rollouts: mean pass rate" in res.output
+    assert (tmp_path / "rollouts" / "train" / "summary.json").is_file()
+    bad = runner.invoke(app, ["rollouts", "gsm8k", "--model", str(tiny_llama_dir), "--out", str(tmp_path),
+                              "--split", "validation"])  # fmt: skip
+    assert isinstance(bad.exception, ProbekdError) and "no split 'validation'" in str(bad.exception)  # `main`: exit 2
+    stats = runner.invoke(app, ["data", "stats", "gsm8k", "--json"])
+    assert json.loads(stats.output)["test"] == {"n": 1319, "labelled": 1319, "with_rationale": 1319}
+    tasks = runner.invoke(app, ["data", "tasks"])
+    assert re.search(r"gsm8k\s+free-form", tasks.output) and re.search(r"arc_easy\s+multiple-choice", tasks.output)
+
+
+def test_python_api_rollouts(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import probekd
+
+    assert len(probekd.load_problems("arith:n_test=9").splits["test"]) == 9
+    ro = probekd.rollouts("arith:steps=1", str(tiny_llama_dir), tmp_path, split="dev", limit=2, k=2, max_new_tokens=3)
+    assert ro.pass_rates.shape == (2,) and (tmp_path / "rollouts" / "dev" / "manifest.json").is_file()
