@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -186,7 +187,6 @@ def test_batched_sampling_with_a_shared_prompt_cache_matches_greedy_generate_alo
     """Near-zero temperature turns sampling into argmax: the batched, left-padded path with the prompt cache
     repeated K times must then give what `generate` gives each prompt alone (positions and masks are right)."""
     import torch
-
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     # weights far from the usual tiny init, so that positions and masks change the argmax (with the default
@@ -200,7 +200,9 @@ def test_batched_sampling_with_a_shared_prompt_cache_matches_greedy_generate_alo
     assert len({len(p) for p in prompts}) == 3  # different lengths: left padding is exercised
     batched = sample_solutions(model, tok, prompts, cfg, seed=0)
     for prompt, sols in zip(prompts, batched, strict=True):
-        alone = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id)
+        alone = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id
+        )
         text = tok.decode(alone[0, len(prompt) :], skip_special_tokens=True)
         assert [s for s, _ in sols] == [text, text]
 
@@ -265,3 +267,162 @@ def test_python_api_rollouts(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert len(probekd.load_problems("arith:n_test=9").splits["test"]) == 9
     ro = probekd.rollouts("arith:steps=1", str(tiny_llama_dir), tmp_path, split="dev", limit=2, k=2, max_new_tokens=3)
     assert ro.pass_rates.shape == (2,) and (tmp_path / "rollouts" / "dev" / "manifest.json").is_file()
+
+
+# --- token-level divergences -----------------------------------------------------------------------------------
+
+
+def test_token_divergences_equal_a_hand_computation_on_a_three_token_vocabulary() -> None:
+    import torch
+
+    from probekd.generative.token_losses import token_divergence
+
+    p, q = [0.5, 0.3, 0.2], [0.2, 0.2, 0.6]  # teacher, student
+    teacher, student = torch.tensor([[math.log(x) for x in p]]), torch.tensor([[math.log(x) for x in q]])
+    fkl = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+    rkl = sum(b * math.log(b / a) for a, b in zip(p, q, strict=True))
+    m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+    jsd = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True)) + 0.5 * sum(
+        b * math.log(b / c) for b, c in zip(q, m, strict=True)
+    )
+    assert token_divergence(student, teacher, "fkl").item() == pytest.approx(fkl, rel=1e-5)
+    assert token_divergence(student, teacher, "rkl").item() == pytest.approx(rkl, rel=1e-5)
+    assert token_divergence(student, teacher, "js").item() == pytest.approx(jsd, rel=1e-5)
+    # top-2 of the teacher: tokens 0 and 1, both renormalized: p = (5/8, 3/8), q = (1/2, 1/2)
+    # AKL with head_mass 0.45: the head is token 0 (no mass above it); token 1 has 0.5 above it (a boundary at
+    # exactly 0.5 would be decided by float rounding)
+    g_head, g_tail = abs(0.5 - 0.2), abs(0.3 - 0.2) + abs(0.2 - 0.6)
+    akl = g_head / (g_head + g_tail) * fkl + g_tail / (g_head + g_tail) * rkl
+    assert token_divergence(student, teacher, "akl", head_mass=0.45).item() == pytest.approx(akl, rel=1e-5)
+    top2 = 5 / 8 * math.log((5 / 8) / 0.5) + 3 / 8 * math.log((3 / 8) / 0.5)
+    assert token_divergence(student, teacher, "fkl", top_k=2).item() == pytest.approx(top2, rel=1e-5)
+
+
+@given(st.integers(0, 2**31 - 1), st.floats(0.5, 4.0))
+def test_token_fkl_agrees_with_the_multiple_choice_forward_kl(seed: int, temperature: float) -> None:
+    import torch
+
+    from probekd.generative.token_losses import token_divergence
+    from probekd.losses import get
+
+    g = torch.Generator().manual_seed(seed)
+    s, t = torch.randn(3, 7, generator=g) * 3, torch.randn(3, 7, generator=g) * 3
+    ours = token_divergence(s, t, "fkl", temperature=temperature)
+    reference = get("fkl")(s, torch.softmax(t / temperature, -1), temperature=temperature)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (token_divergence(s, t, "rkl") >= -1e-6).all() and (token_divergence(s, t, "js") <= math.log(2) + 1e-6).all()
+    assert torch.allclose(token_divergence(t, t, "rkl"), torch.zeros(3), atol=1e-6)
+
+
+def test_per_problem_is_the_mean_over_solution_tokens_only() -> None:
+    import torch
+
+    from probekd.generative.token_losses import per_problem
+
+    values = torch.tensor([[1.0, 2.0, 9.0], [4.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert per_problem(values, mask).tolist() == [1.5, 4.0]
+    with pytest.raises(ValueError, match="no solution tokens"):
+        per_problem(values, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+
+
+# --- token-level distillation of sequences (tiny random Llamas sharing one tokenizer) ---------------------------
+
+
+def _seq_rows(tok, weights=None, teacher_prefix: str = ""):
+    from probekd.generative.seq_train import SequenceRows
+
+    student_prompts = ["Question: Start with 3. Add 4.\nSolution:\n", "Question: 1 plus 1?\nSolution:\n"]
+    solutions = ["3 + 4 = 7\n#### 7\n", "#### 2\n"]
+    teacher_prompts = [teacher_prefix + p for p in student_prompts]
+    return SequenceRows(tok, student_prompts, teacher_prompts, solutions, weights)
+
+
+def _seq_trainer(model, teacher, rows, tmp_path: Path, **cfg):
+    from transformers import TrainingArguments
+
+    from probekd.generative.seq_train import SequenceDistillTrainer, SequenceTrainConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    return SequenceDistillTrainer(model=model, args=args, train_dataset=rows, data_collator=rows.collate,
+                                  teacher=teacher, train_cfg=SequenceTrainConfig(**cfg))  # fmt: skip
+
+
+def test_sequence_rows_mark_exactly_the_positions_that_predict_solution_tokens(tiny_tokenizer) -> None:
+    rows = _seq_rows(tiny_tokenizer, teacher_prefix="A worked solution: 3 + 4 = 7.\n")
+    batch = rows.collate([rows[0], rows[1]])
+    for side in ("", "teacher_"):
+        ids, mask = batch[f"{side}input_ids"], batch[f"{side}loss_mask"].bool()
+        for r, solution in enumerate(["3 + 4 = 7\n#### 7\n", "#### 2\n"]):
+            predicted = ids[r][1:][mask[r][:-1]]  # the tokens that the marked positions predict
+            assert tiny_tokenizer.decode(predicted) == solution
+    assert batch["loss_mask"].sum(1).tolist() == batch["teacher_loss_mask"].sum(1).tolist()
+
+
+def test_each_problem_loss_is_multiplied_by_its_weight(tiny_llama_dir: Path, tiny_tokenizer, tmp_path: Path) -> None:
+    """Weights (1, 0) over two problems give half the first problem's loss alone: the second takes no part, and the
+    loss is divided by the problems in the step. Dropping the weight would give the mean of both."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(student.config)
+    rows = _seq_rows(tiny_tokenizer, weights=[1.0, 0.0])
+    trainer = _seq_trainer(student, teacher, rows, tmp_path)
+    both = trainer.compute_loss(student, rows.collate([rows[0], rows[1]]))
+    per = trainer.problem_losses(student, rows.collate([rows[0], rows[1]]))
+    assert per[1] > 0 and both.item() == pytest.approx(per[0].item() / 2, rel=1e-5)
+    alone = trainer.compute_loss(student, rows.collate([rows[0]]))
+    assert alone.item() == pytest.approx(per[0].item(), rel=1e-5)
+
+
+def test_lora_self_distillation_starts_at_zero_and_privileged_context_makes_it_positive(
+    tiny_llama_dir: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    """A LoRA student is its own frozen initial teacher with the adapters disabled: the same prompt on both sides
+    gives divergence 0 before training (the adapters start at zero); the worked solution in the teacher's prompt
+    gives a positive one."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    student = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, target_modules="all-linear")
+    )
+    same = _seq_rows(tiny_tokenizer)
+    trainer = _seq_trainer(student, None, same, tmp_path, loss="rkl")
+    assert trainer.problem_losses(student, same.collate(same.rows)).abs().max().item() < 1e-7
+    privileged = _seq_rows(tiny_tokenizer, teacher_prefix="Worked solution: 3 + 4 = 7. ")
+    assert (trainer.problem_losses(student, privileged.collate(privileged.rows)) > 1e-5).all()  # a tiny model's scale
+
+
+def test_distilling_sequences_moves_the_student_toward_the_teacher(
+    tiny_llama_dir: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probekd.generative.seq_train import SequenceTrainConfig, distill_sequences
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.manual_seed(3)
+    teacher = AutoModelForCausalLM.from_config(
+        student.config.__class__(**{**student.config.to_dict(), "initializer_range": 0.3})
+    )
+    rows = _seq_rows(tiny_tokenizer)
+    cfg = SequenceTrainConfig(loss="fkl>rkl", epochs=30, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0)
+    before = _seq_trainer(student, teacher, rows, tmp_path / "a").problem_losses(student, rows.collate(rows.rows))
+    history = distill_sequences(student, teacher, rows, cfg, tmp_path / "ckpt", seed=0)
+    after = _seq_trainer(student, teacher, rows, tmp_path / "b").problem_losses(student, rows.collate(rows.rows))
+    assert (after < 0.5 * before).all(), (before, after)
+    assert any("loss" in h for h in history)
+
+
+def test_token_distillation_refuses_tokenizers_that_differ(tiny_tokenizer) -> None:
+    from tests.conftest import build_bert_tokenizer
+
+    from probekd.generative.seq_train import check_shared_vocabulary
+
+    with pytest.raises(ProbekdError, match="teacher big-model and student small-model have different tokenizers"):
+        check_shared_vocabulary(tiny_tokenizer, build_bert_tokenizer(), "small-model", "big-model")
+    check_shared_vocabulary(tiny_tokenizer, tiny_tokenizer, "a", "b")

@@ -85,7 +85,7 @@ def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tenso
     return logits.masked_fill(~option_mask, float("-inf"))
 
 
-def _base(model: nn.Module) -> nn.Module:
+def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under a peft wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -129,7 +129,7 @@ def biencoder_logits(
     om = option_attention.reshape(b * kb, c)
     o = _mean_pool(model(input_ids=option_ids.reshape(b * kb, c), attention_mask=om).last_hidden_state, om)
     cos = torch.nn.functional.cosine_similarity(q.float()[:, None], o.float().reshape(b, kb, -1), dim=-1)
-    scale = getattr(_base(model), LOGIT_SCALE).float().exp()
+    scale = getattr(base_model(model), LOGIT_SCALE).float().exp()
     return _pad_options(scale * cos, option_mask)
 
 
@@ -156,7 +156,7 @@ class LetterScorer:
         option_mask: torch.Tensor,
         **_: Any,
     ) -> torch.Tensor:
-        base = _base(model)
+        base = base_model(model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(1) - 1
         final = hidden[torch.arange(len(last), device=last.device), last]
@@ -185,7 +185,7 @@ def option_logits(
     from transformers import DynamicCache
 
     b, kb, c = option_ids.shape
-    base = _base(model)
+    base = base_model(model)
     decoder = base.get_decoder()
     cache = DynamicCache()
     pre = decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
