@@ -426,3 +426,103 @@ def test_token_distillation_refuses_tokenizers_that_differ(tiny_tokenizer) -> No
     with pytest.raises(ProbekdError, match="teacher big-model and student small-model have different tokenizers"):
         check_shared_vocabulary(tiny_tokenizer, build_bert_tokenizer(), "small-model", "big-model")
     check_shared_vocabulary(tiny_tokenizer, tiny_tokenizer, "a", "b")
+
+
+# --- a generative run end to end (tiny random Llama as teacher and LoRA student; fixed initial rollouts) ---------
+
+
+def _write_fixed_rollouts(folder: Path, problems, cfg: RolloutConfig, model_id: str, hits: list[int]) -> None:
+    """A finished rollout cache whose problem i has hits[i] of K rollouts correct (what a killed run left)."""
+    from probekd.atomic import write_json
+    from probekd.generative.rollouts import _manifest
+
+    manifest = _manifest(problems, cfg, model_id)
+    folder.mkdir(parents=True)
+    write_json(folder / "manifest.json", manifest)
+    for i in range(manifest["n_shards"]):
+        lines = []
+        for j in range(i * cfg.batch_size, min((i + 1) * cfg.batch_size, len(problems))):
+            p = problems[j]
+            right = [r < hits[j] for r in range(cfg.k)]
+            rs = [{"text": f"#### {p.answer if ok else 'none'}\n", "tokens": 3, "answer": p.answer if ok else None,
+                   "correct": ok} for ok in right]  # fmt: skip
+            lines.append(json.dumps({"id": p.id, "rollouts": rs}))
+        (folder / f"shard-{i:05d}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_generative_run_end_to_end_weights_by_pass_rate_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+
+    tree = {
+        "name": "tiny generative run",
+        "task": "arith:steps=1,digits=1,n_train=6,n_dev=3,n_test=4",
+        "teacher": str(tiny_llama_dir),
+        "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
+        "train": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3},
+        "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 4, "batch_size": 4},
+                     "eval_max_new_tokens": 4},
+        "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["none", "paced"]},
+    }  # fmt: skip
+    cfg = GenerativeRunConfig.model_validate(tree)
+    run = tmp_path / "run"
+    train = load_problems(cfg.task).splits["train"]
+    _write_fixed_rollouts(run / "rollouts" / "s0" / "train", train, cfg.generate.rollouts,
+                          f"{tiny_llama_dir} (initial)", hits=[2, 1, 0, 1, 1, 0])  # fmt: skip
+    results = {r["weighting"]: r for r in run_generative(cfg, run)}
+    # pass rates (1, .5, 0, .5, .5, 0): PACED keeps the three problems with 0 < p < 1, the unweighted cell all six
+    assert results["paced"]["trained_problems"] == 3 and results["none"]["trained_problems"] == 6
+    assert results["none"]["pass_rates"]["mean"] == pytest.approx(5 / 12)
+    for r in results.values():
+        assert r["test"]["n"] == 4 and 0 <= r["test"]["pass_at_1"] <= 1 and len(r["test"]["correct"]) == 4
+        model = run / "students" / r["cell"] / "model"
+        assert (model / "config.json").is_file() and not (model / "adapter_config.json").exists()  # LoRA merged
+    report = (run / "report" / "report.md").read_text()
+    assert "gold-fkl-paced-s0" in report and "Mean over seeds" in report
+
+    # a rerun (here through the CLI) trains nothing again and rewrites the same report
+    stamp = (run / "students" / "gold-fkl-paced-s0" / "metrics.json").stat().st_mtime_ns
+    (tmp_path / "gen.yaml").write_text(yaml.safe_dump(tree))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "gen.yaml"), "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "gold-fkl-paced-s0" in res.output
+    assert (run / "students" / "gold-fkl-paced-s0" / "metrics.json").stat().st_mtime_ns == stamp
+
+    # a changed setting in the same folder is refused by name
+    tree["generate"]["source"] = "self"
+    with pytest.raises(ProbekdError, match="generate"):
+        run_generative(GenerativeRunConfig.model_validate(tree), run)
+
+
+def test_generative_config_errors_name_the_field(tiny_llama_dir: Path) -> None:
+    from pydantic import ValidationError
+
+    from probekd.generative.pipeline import GenerativeRunConfig
+
+    with pytest.raises(ValidationError, match="free-form"):
+        GenerativeRunConfig(task="arc_easy")
+    with pytest.raises(ValidationError, match="lora"):
+        GenerativeRunConfig.model_validate(
+            {"student": {"kind": "causal", "lora": False}, "generate": {"source": "self"}}
+        )
+    with pytest.raises(ValidationError, match="token divergence"):
+        GenerativeRunConfig.model_validate({"grid": {"losses": ["sinkhorn"]}})
+
+
+def test_alpha_zero_is_cross_entropy_on_the_solution_without_a_teacher(
+    tiny_llama_dir: Path, tiny_tokenizer, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    rows = _seq_rows(tiny_tokenizer)
+    trainer = _seq_trainer(student, None, rows, tmp_path, alpha=0.0)  # no teacher, no LoRA: allowed at alpha 0
+    batch = rows.collate(rows.rows)
+    per = trainer.problem_losses(student, batch)
+    logp = torch.log_softmax(student(input_ids=batch["input_ids"]).logits.float(), -1)
+    for r in range(2):
+        pos = batch["loss_mask"][r].nonzero()[:, 0]
+        expected = -logp[r, pos, batch["input_ids"][r, pos + 1]].mean()
+        assert per[r].item() == pytest.approx(expected.item(), rel=1e-4)

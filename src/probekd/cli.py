@@ -359,12 +359,31 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped."""
-    from probekd.config import load_config
+    """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped.
+    A configuration with a `generate:` section is a generative run (free-form task, rollouts, token-level
+    distillation; see README)."""
+    from probekd.config import load_config, read_config_tree, validated
+    from probekd.generative.pipeline import GenerativeRunConfig, is_generative, run_generative
     from probekd.reuse import reuse_run
 
-    cfg = load_config(config, set_)
     run_dir = out or Path("runs") / config.stem
+    tree, source = read_config_tree(config, set_)
+    if is_generative(tree):
+        if reuse or overwrite or stage != Stage.all:
+            raise ProbekdError("--reuse, --overwrite and --stage apply to multiple-choice runs, not generative ones")
+        results = run_generative(validated(GenerativeRunConfig, tree, source), run_dir)
+        rows = [["cell", "test pass@1", "95% CI", "initial"]]
+        for r in results:
+            if "skipped" in r:
+                rows.append([r["cell"], "skipped", r["skipped"], f"{r['initial_test']['pass_at_1']:.3f}"])
+                continue
+            lo, hi = r["test"]["ci"]
+            rows.append([r["cell"], f"{r['test']['pass_at_1']:.3f}", f"[{lo:.3f}, {hi:.3f}]",
+                         f"{r['initial_test']['pass_at_1']:.3f}"])  # fmt: skip
+        _print_table(rows)
+        typer.echo(f"report: {run_dir / 'report' / 'report.md'}")
+        return
+    cfg = load_config(config, set_)
     if reuse and overwrite:
         raise ProbekdError("--reuse with --overwrite would delete what it copies; use one or the other")
     for source in reuse or []:

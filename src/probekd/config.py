@@ -244,8 +244,10 @@ def _describe(e: ValidationError, source: str) -> str:
     return f"bad configuration in {source}: " + "; ".join(parts)
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
-    """Read a run configuration from YAML (or start from `base`), apply `--set` overrides, validate."""
+def read_config_tree(
+    path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
+    """A configuration's mapping from YAML (or `base`) with `--set` overrides applied, and where it came from."""
     tree: dict[str, Any] = dict(base or {})
     source = "the defaults"
     if path is not None:
@@ -261,10 +263,24 @@ def load_config(path: Path | None, overrides: list[str] | None = None, base: dic
         tree.update(loaded or {})
     for item in overrides or []:
         _set(tree, item)
+    return tree, source
+
+
+def validated(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
+    """`model` validated from `tree`; errors name every bad field (ConfigError)."""
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from None
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a run configuration from YAML (or start from `base`), apply `--set` overrides, validate."""
+    tree, source = read_config_tree(path, overrides, base)
+    if "generate" in tree:
+        raise ConfigError(f"{source} is a generative configuration (it has a `generate:` section): run it with "
+                          "`probekd run`, or load it with probekd.generative.pipeline.GenerativeRunConfig")  # fmt: skip
+    return validated(RunConfig, tree, source)
 
 
 def recorded_config(path: Path) -> dict[str, Any]:

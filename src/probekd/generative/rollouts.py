@@ -105,11 +105,11 @@ def left_padded(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -
 
 @torch.no_grad()
 def sample_solutions(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, seed: int
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, seed: int, *, greedy: bool = False
 ) -> list[list[tuple[str, int]]]:
     """K sampled continuations of each prompt (token ids), in one `generate` call: per prompt, K (text, number of
-    generated tokens) pairs, each text cut after its answer line. The model runs in its current mode (call
-    `eval()` first: dropout would apply)."""
+    generated tokens) pairs, each text cut after its answer line; `greedy`: argmax decoding (K identical
+    continuations; use k = 1). The model runs in its current mode (call `eval()` first: dropout would apply)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -127,10 +127,8 @@ def sample_solutions(
         input_ids=ids.repeat_interleave(cfg.k, 0),
         attention_mask=mask.repeat_interleave(cfg.k, 0),
         past_key_values=cache if ids.shape[1] > 1 else None,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        top_k=0,
+        **({"do_sample": False} if greedy else {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}),
+        top_k=0 if not greedy else None,
         max_new_tokens=cfg.max_new_tokens,
         stopping_criteria=StoppingCriteriaList([AnswerLineStop(tokenizer, ids.shape[1])]),
         pad_token_id=pad,

@@ -10,7 +10,8 @@ student's next-token distribution is compared with the teacher's (`probekd.gener
 
 with w_i the problem's weight (PACED: p^alpha (1-p)^beta of the student's pass rate, normalized to mean 1). The
 teacher is a frozen model that shares the student's vocabulary, or, for self-distillation of a LoRA student,
-`None`: the student with its adapters disabled is then the frozen initial student.
+`None`: the student with its adapters disabled is then the frozen initial student. With alpha = 0 no teacher
+distribution is used (sequence-level KD: cross-entropy on the solution text, which any teacher can have written).
 
 The output layer runs only at the solution positions (a vocabulary of 50k entries at every prompt token would be
 most of the memory).
@@ -145,7 +146,7 @@ class SequenceDistillTrainer(Trainer):
         self.teacher = teacher
         self.train_cfg = train_cfg
         self.model_accepts_loss_kwargs = True
-        if teacher is None and not hasattr(_unwrap(self.model), "disable_adapter"):
+        if teacher is None and train_cfg.alpha > 0 and not hasattr(_unwrap(self.model), "disable_adapter"):
             raise ProbekdError("self-distillation without a teacher model needs a LoRA student (the frozen initial "
                                "student is the one with its adapters disabled)")  # fmt: skip
         if teacher is not None:
@@ -166,6 +167,9 @@ class SequenceDistillTrainer(Trainer):
         if not torch.equal(mask.sum(1), tmask.sum(1)):
             raise ProbekdError("student and teacher rows hold different numbers of solution tokens")
         s = solution_logits(model, inputs["input_ids"], inputs["attention_mask"], mask)
+        rows, pos = mask.bool().nonzero(as_tuple=True)
+        if cfg.alpha == 0:  # sequence-level KD: cross-entropy on the solution text only, no teacher distribution
+            return per_problem(self._dense(self._ce(s, inputs["input_ids"], rows, pos), rows, pos, mask), mask)
         with torch.no_grad():
             if self.teacher is not None:
                 t = solution_logits(self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], tmask)
@@ -175,15 +179,21 @@ class SequenceDistillTrainer(Trainer):
         kind = cfg.loss_at(self.state.global_step, self.state.max_steps)
         options = {k: (int(v) if k == "top_k" else v) for k, v in cfg.loss_options.items()}
         div = token_divergence(s, t, kind, temperature=cfg.temperature, **options) * cfg.temperature**2
-        rows, pos = mask.bool().nonzero(as_tuple=True)
-        dense = torch.zeros(mask.shape, dtype=div.dtype, device=div.device).index_put((rows, pos), div)
-        per = per_problem(dense, mask)
+        per = per_problem(self._dense(div, rows, pos, mask), mask)
         if cfg.alpha < 1:
-            targets = inputs["input_ids"][rows, pos + 1]
-            ce = -torch.log_softmax(s, -1).gather(1, targets[:, None])[:, 0]
-            ce_dense = torch.zeros(mask.shape, dtype=ce.dtype, device=ce.device).index_put((rows, pos), ce)
-            per = cfg.alpha * per + (1 - cfg.alpha) * per_problem(ce_dense, mask)
+            ce = self._ce(s, inputs["input_ids"], rows, pos)
+            per = cfg.alpha * per + (1 - cfg.alpha) * per_problem(self._dense(ce, rows, pos, mask), mask)
         return per
+
+    @staticmethod
+    def _ce(logits: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the solution's tokens [M] (position t predicts token t + 1)."""
+        return -torch.log_softmax(logits, -1).gather(1, ids[rows, pos + 1][:, None])[:, 0]
+
+    @staticmethod
+    def _dense(values: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token values [M] back in place as [B, T] (0 elsewhere)."""
+        return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put((rows, pos), values)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,405 @@
+"""A generative run: distil solutions into a causal student, each problem weighted by the student's pass rate.
+
+`probekd run CONFIG --out RUN` takes this path when the configuration has a `generate:` section. Stages, each
+with its artifact, each skipped when the artifact is there (a rerun resumes):
+
+1. **Solutions to learn from** (`generate.source`): `teacher`, the teacher's sampled solutions of the training
+   problems (RUN/solutions/teacher/, a rollout cache; with `correct_only`, the first correct one per problem, and
+   problems without one are left out); `gold`, the dataset's worked solutions; `self`, self-distillation: the
+   student's own rollouts, scored by the frozen initial student that sees the worked solution in its prompt.
+2. **Pass rates** (per seed): K rollouts of the initial student on every training problem
+   (RUN/rollouts/s<seed>/train/), p = share graded correct. Computed once, before training (the paper's default).
+3. **Students** (per cell: seed x loss x weighting): weights w(p) (`none`, `paced`, `hard_filter`, normalized
+   to mean 1 over the problems; problems of weight 0 are not trained on), token-level distillation
+   (`probekd.generative.seq_train`), then greedy pass@1 on dev and test with a bootstrap interval
+   (RUN/students/<cell>/metrics.json), the student kept at RUN/students/<cell>/model/ (LoRA merged).
+4. **Report**: RUN/report/report.md and results.csv: pass@1 per cell and its mean over seeds, the initial
+   student's pass@1, and the pass-rate histogram the weights came from.
+
+Refreshing the pass rates during training, on-policy sampling at every step and the forgetting check on a
+multiple-choice task are not built yet.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from probekd.atomic import atomic_path, write_json, write_text
+from probekd.errors import ProbekdError
+from probekd.generative.rollouts import RolloutConfig
+from probekd.generative.seq_train import SequenceTrainConfig
+from probekd.student.heads import StudentConfig
+from probekd.weighting import Scheme
+
+log = logging.getLogger(__name__)
+
+
+class GenerateConfig(BaseModel):
+    """The `generate:` section: what the student learns from, and how its pass rates are estimated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["teacher", "gold", "self"] = Field(
+        "teacher",
+        description="`teacher`: the teacher's sampled solutions; `gold`: the dataset's worked solutions, scored by "
+        "the teacher; `self`: the student's own rollouts, scored by the frozen initial student with the worked "
+        "solution in its prompt (self-distillation; needs a LoRA student).",
+    )
+    correct_only: bool = Field(
+        True, description="`teacher`: keep only solutions graded correct (problems without one are left out)."
+    )
+    teacher_samples: int = Field(1, ge=1, description="`teacher`: solutions sampled per problem (the first kept).")
+    privileged: str = Field(
+        "A worked solution, for reference:\n{rationale}\n\n",
+        description="`self`: the text before the question in the teacher's prompt; {rationale} is the worked solution.",
+    )
+    rollouts: RolloutConfig = Field(
+        default_factory=RolloutConfig,  # type: ignore[arg-type]
+        description="Sampling of the student's K rollouts (pass rates) and of the teacher's solutions.",
+    )
+    eval_max_new_tokens: int = Field(256, ge=1, description="Longest greedy solution when scoring pass@1.")
+
+
+class GenerativeGrid(BaseModel):
+    """The cells: every (seed, loss, weighting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="Seeds: LoRA init, data order, rollouts.")
+    losses: list[str] = Field(["fkl"], min_length=1, description="Token divergences, or `first>second` schedules.")
+    weightings: list[Scheme] = Field(["none", "paced"], min_length=1, description="none, paced or hard_filter.")
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, v: list[str]) -> list[str]:
+        for loss in v:
+            SequenceTrainConfig(loss=loss)
+        return v
+
+
+class GenerativeRunConfig(BaseModel):
+    """A generative run (`probekd run` with a `generate:` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("generative run", description="A name for the report's title.")
+    task: str = Field("arith:steps=1,digits=2", description="A free-form task: gsm8k, aqua_rat, arith:...")
+    teacher: str = Field(
+        "smollm2-135m-instruct", description="Causal LM sharing the student's tokenizer (ignored for source self)."
+    )
+    limit: dict[str, int] = Field({}, description="At most this many problems of a split, e.g. {train: 200}.")
+    student: StudentConfig = Field(
+        default_factory=lambda: StudentConfig(model="smollm2-135m-instruct", kind="causal", lora=True),
+        description="The causal student (kind: causal).",
+    )
+    train: SequenceTrainConfig = Field(default_factory=SequenceTrainConfig)  # type: ignore[arg-type]
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)  # type: ignore[arg-type]
+    grid: GenerativeGrid = Field(default_factory=GenerativeGrid)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _fits(self) -> GenerativeRunConfig:
+        from probekd.generative.problems import is_freeform
+
+        if not is_freeform(self.task):
+            raise ValueError(f"task {self.task!r} is not a free-form task (gsm8k, aqua_rat, arith:...)")
+        if self.student.kind != "causal":
+            raise ValueError("a generative run needs a causal student (student.kind: causal)")
+        if self.generate.source == "self" and not self.student.lora:
+            raise ValueError("generate.source self needs student.lora: true (the frozen initial student is the "
+                             "student with its adapters disabled)")  # fmt: skip
+        return self
+
+    def cells(self) -> list[tuple[int, str, str]]:
+        return [(s, loss, w) for s in self.grid.seeds for loss in self.grid.losses for w in self.grid.weightings]
+
+
+def is_generative(tree: dict[str, Any]) -> bool:
+    """Whether a configuration tree (the YAML's mapping) describes a generative run."""
+    return "generate" in tree
+
+
+def cell_name(seed: int, loss: str, weighting: str, source: str) -> str:
+    return f"{source}-{loss.replace('>', 'then')}-{weighting}-s{seed}"
+
+
+def _check_run_dir(run: Path, cfg: GenerativeRunConfig) -> None:
+    """Write RUN/config.yaml, or refuse a run folder made with other settings (the grid may change)."""
+    from probekd.teacher.cache import differing_fields
+
+    path = run / "config.yaml"
+    fields = cfg.model_dump(mode="json")
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        diff = [f for f in differing_fields(old, fields) if f not in ("grid", "name")]
+        if diff:
+            raise ProbekdError(f"{run} was made with other settings (differs in: {', '.join(diff)}); use another --out")
+    write_text(path, yaml.safe_dump(fields, sort_keys=False))
+
+
+def _load_causal(name: str, lora: StudentConfig | None = None, seed: int = 0) -> tuple[Any, Any]:
+    """A causal LM and its tokenizer (with LoRA adapters when `lora` asks for them), in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from probekd.models import prepare
+
+    folder = prepare(name)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if lora is not None and lora.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
+        )
+    return model.eval(), tok
+
+
+def greedy_pass_at_1(model: Any, tok: Any, problems: list[Any], cfg: GenerateConfig, seed: int = 0) -> dict[str, Any]:
+    """Greedy pass@1 with a bootstrap 95% interval, and the per-problem results."""
+    from probekd.evaluate import bootstrap_ci
+    from probekd.generative.grading import grade
+    from probekd.generative.rollouts import encode_prompts, sample_solutions
+
+    rcfg = cfg.rollouts.model_copy(update={"k": 1, "max_new_tokens": cfg.eval_max_new_tokens})
+    prompts = encode_prompts(tok, problems, rcfg.prompt)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths together: less padding
+    texts: dict[int, str] = {}
+    for b in range(0, len(order), rcfg.batch_size):
+        idx = order[b : b + rcfg.batch_size]
+        for i, sols in zip(
+            idx, sample_solutions(model, tok, [prompts[i] for i in idx], rcfg, seed, greedy=True), strict=True
+        ):
+            texts[i] = sols[0][0]
+    right = np.array([grade(texts[i], p.answer or "", p.kind) for i, p in enumerate(problems)], dtype=float)
+    mean, lo, hi = bootstrap_ci(right, seed=seed)
+    return {"n": len(problems), "pass_at_1": mean, "ci": [lo, hi], "correct": right.astype(int).tolist()}
+
+
+def _teacher_prompt(cfg: GenerativeRunConfig, problem: Any, tok: Any) -> str:
+    prompt = cfg.generate.rollouts.prompt
+    if cfg.generate.source != "self":
+        return prompt.text(problem, tok)
+    if problem.rationale is None:
+        raise ProbekdError(f"problem {problem.id!r} has no worked solution for the privileged prompt")
+    privileged = cfg.generate.privileged.format(rationale=problem.rationale)
+    return prompt.text(dataclasses.replace(problem, question=privileged + problem.question), tok)
+
+
+def run_generative(cfg: GenerativeRunConfig, run: Path) -> list[dict[str, Any]]:
+    """All stages of a generative run into `run` (see the module docstring); returns every cell's metrics."""
+    from probekd.generative.problems import load_problems
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run, cfg)
+    splits = load_problems(cfg.task).splits
+    problems = {s: ps[: cfg.limit[s]] if s in cfg.limit else ps for s, ps in splits.items()}
+    teacher, teacher_tok, solutions = _solutions(cfg, run, problems["train"])
+    results = []
+    for seed in cfg.grid.seeds:
+        cells = [c for c in cfg.cells() if c[0] == seed]
+        if all(_metrics_path(run, c, cfg).is_file() for c in cells):
+            results += [json.loads(_metrics_path(run, c, cfg).read_text()) for c in cells]
+            continue
+        initial = _initial_student(cfg, run, problems, seed)
+        for cell in cells:
+            path = _metrics_path(run, cell, cfg)
+            if not path.is_file():
+                write_json(path, _train_cell(cfg, run, cell, problems, initial, teacher, teacher_tok, solutions))
+            results.append(json.loads(path.read_text()))
+    write_generative_report(run, cfg, results)
+    return results
+
+
+def _solutions(cfg: GenerativeRunConfig, run: Path, train: list[Any]) -> tuple[Any, Any, dict[str, str]]:
+    """The teacher model and tokenizer (None for self-distillation) and the solutions to learn from by problem id
+    (empty for `self`: the student's own rollouts come per seed)."""
+    from probekd.generative.rollouts import run_rollouts
+    from probekd.generative.seq_train import check_shared_vocabulary
+
+    if cfg.generate.source == "self":
+        return None, None, {}
+    teacher, teacher_tok = _load_causal(cfg.teacher)
+    if cfg.train.alpha > 0:  # token-level distillation compares distributions over one vocabulary
+        check_shared_vocabulary(_tokenizer(cfg.student.model), teacher_tok, cfg.student.model, cfg.teacher)
+    if cfg.generate.source == "gold":
+        return teacher, teacher_tok, {p.id: p.rationale for p in train if p.rationale}
+    tcfg = cfg.generate.rollouts.model_copy(update={"k": cfg.generate.teacher_samples})
+    sampled = run_rollouts(teacher, teacher_tok, train, tcfg, run / "solutions" / "teacher", model_id=cfg.teacher)
+    solutions = {}
+    for pid, rs in zip(sampled.ids, sampled.rollouts, strict=True):
+        keep = [r for r in rs if r.correct] if cfg.generate.correct_only else rs
+        if keep:
+            solutions[pid] = keep[0].text
+    log.info("teacher solutions for %d of %d training problems%s", len(solutions), len(train),
+             " (graded correct)" if cfg.generate.correct_only else "")  # fmt: skip
+    return teacher, teacher_tok, solutions
+
+
+def _initial_student(cfg: GenerativeRunConfig, run: Path, problems: dict[str, list[Any]], seed: int) -> dict[str, Any]:
+    """What the untrained student does (per seed): its rollouts on train (the pass rates and, for `self`, the
+    solutions) and its greedy pass@1 on test, each cached."""
+    from probekd.generative.rollouts import run_rollouts
+
+    model, tok = _load_causal(cfg.student.model, cfg.student, seed)
+    rcfg = cfg.generate.rollouts.model_copy(update={"seed": cfg.generate.rollouts.seed + seed})
+    folder = run / "rollouts" / f"s{seed}"
+    ro = run_rollouts(model, tok, problems["train"], rcfg, folder / "train", model_id=f"{cfg.student.model} (initial)")
+    test_path = folder / "initial_test.json"
+    if not test_path.is_file():
+        write_json(test_path, greedy_pass_at_1(model, tok, problems["test"], cfg.generate, seed))
+    return {
+        "pass_rates": ro.pass_rates,
+        "own": {pid: rs[0].text for pid, rs in zip(ro.ids, ro.rollouts, strict=True)},
+        "test": json.loads(test_path.read_text()),
+    }
+
+
+def _train_cell(
+    cfg: GenerativeRunConfig,
+    run: Path,
+    cell: tuple[int, str, str],
+    problems: dict[str, list[Any]],
+    initial: dict[str, Any],
+    teacher: Any,
+    teacher_tok: Any,
+    solutions: dict[str, str],
+) -> dict[str, Any]:
+    """Train one cell's student from the initial one, score it, keep it; returns its metrics."""
+    from probekd.generative.seq_train import SequenceRows, distill_sequences
+    from probekd.weighting import hard_filter_weights, normalize, paced_weights
+
+    seed, loss, weighting = cell
+    name = cell_name(seed, loss, weighting, cfg.generate.source)
+    log.info("generative cell %s", name)
+    t0 = time.perf_counter()
+    train, p = problems["train"], initial["pass_rates"]
+    model, tok = _load_causal(cfg.student.model, cfg.student, seed)  # the initial student (same LoRA init)
+    if weighting == "paced":
+        raw = paced_weights(p, cfg.train.weighting.alpha, cfg.train.weighting.beta)
+    else:
+        raw = hard_filter_weights(p) if weighting == "hard_filter" else np.ones_like(p)
+    source = initial["own"] if cfg.generate.source == "self" else solutions
+    keep = [i for i, pr in enumerate(train) if raw[i] > 0 and pr.id in source]
+    base = {"cell": name, "seed": seed, "loss": loss, "weighting": weighting, "source": cfg.generate.source,
+            "trained_problems": len(keep), "train_problems": len(train),
+            "pass_rates": {"mean": float(p.mean()), "never": float((p == 0).mean()), "always": float((p == 1).mean())},
+            "initial_test": {k: initial["test"][k] for k in ("pass_at_1", "ci", "n")}}  # fmt: skip
+    if not keep:  # e.g. PACED when the student solves every problem always or never: nothing to train on
+        reason = "no training problem has both a solution and a nonzero weight"
+        log.warning("cell %s skipped: %s", name, reason)
+        return {**base, "skipped": reason}
+    prompt = cfg.generate.rollouts.prompt
+    own_template = teacher_tok is None or cfg.train.alpha == 0  # self-distillation, or alpha 0 (teacher prompt unused)
+    rows = SequenceRows(
+        tok,
+        [prompt.text(train[i], tok) for i in keep],
+        [_teacher_prompt(cfg, train[i], tok if own_template else teacher_tok) for i in keep],
+        [source[train[i].id] for i in keep],
+        normalize(raw[keep]).tolist(),
+    )
+    folder = run / "students" / name
+    teacher = teacher if cfg.train.alpha > 0 else None  # alpha 0: cross-entropy on the solutions only
+    history = distill_sequences(model, teacher, rows, cfg.train.model_copy(update={"loss": loss}),
+                                folder / "checkpoints", seed, description=name)  # fmt: skip
+    model.eval()
+    metrics = {
+        **base,
+        "dev": greedy_pass_at_1(model, tok, problems["dev"], cfg.generate, seed),
+        "test": greedy_pass_at_1(model, tok, problems["test"], cfg.generate, seed),
+        "final_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+    }  # fmt: skip
+    _keep_model(model, tok, folder / "model")
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    return metrics
+
+
+def _tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from probekd.models import prepare
+
+    return AutoTokenizer.from_pretrained(str(prepare(name)))
+
+
+def _metrics_path(run: Path, cell: tuple[int, str, str], cfg: GenerativeRunConfig) -> Path:
+    return run / "students" / cell_name(*cell, cfg.generate.source) / "metrics.json"
+
+
+def _keep_model(model: Any, tok: Any, folder: Path) -> None:
+    """The trained student as a plain causal-LM folder (LoRA merged), written atomically."""
+    plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    with atomic_path(folder) as tmp:
+        plain.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+
+
+def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[dict[str, Any]]) -> Path:
+    """RUN/report/report.md (pass@1 per cell, means over seeds) and RUN/report/results.csv."""
+    from probekd.evaluate import mean_ci
+
+    out = run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["cell", "source", "loss", "weighting", "seed", "test_pass_at_1", "test_ci_low", "test_ci_high",
+              "dev_pass_at_1", "initial_test_pass_at_1", "trained_problems", "mean_pass_rate", "seconds"]  # fmt: skip
+    rows = [{"cell": r["cell"], "source": r["source"], "loss": r["loss"], "weighting": r["weighting"],
+             "seed": r["seed"], "test_pass_at_1": r["test"]["pass_at_1"], "test_ci_low": r["test"]["ci"][0],
+             "test_ci_high": r["test"]["ci"][1], "dev_pass_at_1": r["dev"]["pass_at_1"],
+             "initial_test_pass_at_1": r["initial_test"]["pass_at_1"], "trained_problems": r["trained_problems"],
+             "mean_pass_rate": r["pass_rates"]["mean"], "seconds": r["seconds"]}
+            for r in results if "skipped" not in r]  # fmt: skip
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", buf.getvalue())
+    teacher = f", teacher `{cfg.teacher}`" if cfg.generate.source != "self" else ""
+    lines = [
+        f"# {cfg.name}",
+        "",
+        f"Task `{cfg.task}`, student `{cfg.student.model}` (LoRA: {cfg.student.lora}), source "
+        f"`{cfg.generate.source}`{teacher}; {cfg.generate.rollouts.k} rollouts per problem for the pass rates. "
+        "Greedy pass@1.",
+        "",
+        "| cell | test pass@1 [95% CI] | dev | initial student (test) | problems trained |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['cell']} | skipped: {r['skipped']} | | {r['initial_test']['pass_at_1']:.3f} | 0 |")
+    for r in rows:
+        ci = f"[{r['test_ci_low']:.3f}, {r['test_ci_high']:.3f}]"
+        lines.append(f"| {r['cell']} | {r['test_pass_at_1']:.3f} {ci} | {r['dev_pass_at_1']:.3f} | "
+                     f"{r['initial_test_pass_at_1']:.3f} | {r['trained_problems']} |")  # fmt: skip
+    lines += [
+        "",
+        "Mean over seeds (95% t-interval):",
+        "",
+        "| loss | weighting | test pass@1 | seeds |",
+        "|---|---|---|---|",
+    ]
+    for loss in cfg.grid.losses:
+        for w in cfg.grid.weightings:
+            vals = [r["test_pass_at_1"] for r in rows if r["loss"] == loss and r["weighting"] == w]
+            if vals:
+                m, half = mean_ci(vals)
+                lines.append(f"| {loss} | {w} | {m:.3f} ± {half:.3f} | {len(vals)} |")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md"
