@@ -7,7 +7,8 @@ sequence at the same point (its answer line `#### <answer>`, or EOS):
   prompt run once and its key/value cache repeated for its K rollouts, every sequence stopped at its answer line
   while the others go on.
 
-Throughput is generated tokens per second (each path counts its own tokens up to the stop). The two paths draw
+Throughput is generated tokens per second (each path counts its own tokens up to the stop, EOS and padding not
+counted, by the same function). The two paths draw
 different samples, so their token counts differ somewhat; tokens/s is the comparable number. Also printed: each
 path's pass rate (same model and settings: the two should agree up to sampling noise).
 The last line is `rollout ratio: <ours tokens/s / baseline tokens/s>`.
@@ -28,7 +29,15 @@ from transformers import StoppingCriteriaList
 
 from probekd.generative.grading import grade
 from probekd.generative.problems import load_problems
-from probekd.generative.rollouts import AnswerLineStop, RolloutConfig, answer_line_end, encode_prompts, sample_solutions
+from probekd.generative.rollouts import (
+    AnswerLineStop,
+    RolloutConfig,
+    answer_line_end,
+    encode_prompts,
+    eos_ids,
+    generated_length,
+    sample_solutions,
+)
 from probekd.models import prepare
 from probekd.teacher.extract import load_teacher
 
@@ -45,9 +54,10 @@ def one_at_a_time(model, tok, prompt: list[int], cfg: RolloutConfig, seed: int) 
             top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
             stopping_criteria=StoppingCriteriaList([AnswerLineStop(tok, len(prompt))]),
         )[0, len(prompt) :]  # fmt: skip
-        text = tok.decode(seq, skip_special_tokens=True)
+        n = generated_length(seq.tolist(), {tok.pad_token_id, *eos_ids(model, tok)})
+        text = tok.decode(seq[:n], skip_special_tokens=True)
         end = answer_line_end(text)
-        out.append((text[:end] if end is not None else text, int(seq.shape[0])))
+        out.append((text[:end] if end is not None else text, n))
     return out
 
 

@@ -197,17 +197,28 @@ def _one_sgd_step(student, rows: Rows, grad_accum: int, tmp_path: Path) -> list[
     ]  # Trainer may move it to a GPU
 
 
-def test_gradient_accumulation_2x4_equals_batch_8(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """One plain SGD step (lr 1) moves the weights by minus the gradient: the same with 2 micro-batches of 4."""
+@pytest.mark.parametrize("kind", ["encoder", "causal"])
+def test_gradient_accumulation_2x4_equals_batch_8(
+    kind: str, tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """One plain SGD step (lr 1) moves the weights by minus the gradient: the same with 2 micro-batches of 4. The
+    causal student matters: `Trainer`'s own count of a causal LM's labels skips one row per micro-batch."""
     exs = mammal_task(8)
     exs = [*exs[:3], MCQExample("short", "Which is a mammal?", ("dog", "ant", "sun"), 0), *exs[4:]]  # K = 3 and 4
     deltas = []
     for ga in (1, 2):
-        student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+        cfg = (
+            StudentConfig(model=str(tiny_bert_dir))
+            if kind == "encoder"
+            else StudentConfig(
+                model=str(tiny_llama_dir), kind="causal", formulation="option", prompt="base", max_length=64
+            )
+        )
+        student = build_student(cfg, k=4, seed=0)
         rows = rows_for(student, exs, 4)
         rows.rows[5]["labels"] = -1  # an unlabelled row: soft target only
         rows.rows[5]["weights"] = 0.5
-        deltas.append(_one_sgd_step(student, rows, ga, tmp_path))
+        deltas.append(_one_sgd_step(student, rows, ga, tmp_path / kind))
     moved = sum(float(d.abs().sum()) for d in deltas[0])
     assert moved > 0
     for a, b in zip(*deltas, strict=True):

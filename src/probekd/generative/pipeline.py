@@ -63,7 +63,8 @@ class GenerateConfig(BaseModel):
     teacher_samples: int = Field(1, ge=1, description="`teacher`: solutions sampled per problem (the first kept).")
     privileged: str = Field(
         "A worked solution, for reference:\n{rationale}\n\n",
-        description="`self`: the text before the question in the teacher's prompt; {rationale} is the worked solution.",
+        description="`self`: the text put before the question's own text (after the prompt's 'Question: ') in the "
+        "teacher's prompt; {rationale} is the worked solution.",
     )
     rollouts: RolloutConfig = Field(
         default_factory=RolloutConfig,  # type: ignore[arg-type]
@@ -116,6 +117,11 @@ class GenerativeRunConfig(BaseModel):
             raise ValueError(f"task {self.task!r} is not a free-form task (gsm8k, aqua_rat, arith:...)")
         if self.student.kind != "causal":
             raise ValueError("a generative run needs a causal student (student.kind: causal)")
+        w = self.train.weighting
+        if w.warmup_epochs or w.refresh_epochs or w.pass_rate != "exact" or w.samples != 8:
+            raise ValueError("train.weighting: warmup_epochs, refresh_epochs, pass_rate and samples are not used by a "
+                             "generative run (its pass rates are generate.rollouts.k rollouts of the initial student; "
+                             "refreshing them during training is not built yet); remove them")  # fmt: skip
         if self.generate.source == "self" and not self.student.lora:
             raise ValueError("generate.source self needs student.lora: true (the frozen initial student is the "
                              "student with its adapters disabled)")  # fmt: skip
@@ -160,7 +166,8 @@ def _load_causal(name: str, lora: StudentConfig | None = None, seed: int = 0) ->
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
     if lora is not None and lora.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -294,9 +301,10 @@ def _train_cell(
     if weighting == "paced":
         raw = paced_weights(p, cfg.train.weighting.alpha, cfg.train.weighting.beta)
     else:
-        raw = hard_filter_weights(p) if weighting == "hard_filter" else np.ones_like(p)
+        raw = hard_filter_weights(p, cfg.train.weighting.filter_tol) if weighting == "hard_filter" else np.ones_like(p)
     source = initial["own"] if cfg.generate.source == "self" else solutions
-    keep = [i for i, pr in enumerate(train) if raw[i] > 0 and pr.id in source]
+    # (an empty solution, e.g. a rollout that ended at once, has nothing to distil)
+    keep = [i for i, pr in enumerate(train) if raw[i] > 0 and source.get(pr.id, "").strip()]
     base = {"cell": name, "seed": seed, "loss": loss, "weighting": weighting, "source": cfg.generate.source,
             "trained_problems": len(keep), "train_problems": len(train),
             "pass_rates": {"mean": float(p.mean()), "never": float((p == 0).mean()), "always": float((p == 1).mean())},
@@ -313,6 +321,7 @@ def _train_cell(
         [_teacher_prompt(cfg, train[i], tok if own_template else teacher_tok) for i in keep],
         [source[train[i].id] for i in keep],
         normalize(raw[keep]).tolist(),
+        prompt_special_tokens=prompt.resolved_style(tok) == "plain",  # a chat template brings its own
     )
     folder = run / "students" / name
     teacher = teacher if cfg.train.alpha > 0 else None  # alpha 0: cross-entropy on the solutions only

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SUFFIX = ".jsonl"
-_ANSWER_LINE = re.compile(r"####[^\n]*\S[^\n]*\n")
+# a finished answer line: `####`, then a number or an option letter, then the end of the line (a Markdown heading
+# "#### Step 1" does not end a solution)
+_ANSWER_LINE = re.compile(r"####[ \t]*(?:[-−]?\$?[\d.]|\(?[A-J](?![A-Za-z]))[^\n]*\n")
 
 
 class RolloutConfig(BaseModel):
@@ -81,7 +83,8 @@ class AnswerLineStop(StoppingCriteria):
 
 @dataclass
 class Rollout:
-    """One sampled solution: its text (cut after the answer line), generated tokens, final answer and grade."""
+    """One sampled solution: its text (cut after the answer line), generated tokens (up to its answer line's end
+    or EOS, which is not counted), final answer and grade."""
 
     text: str
     tokens: int
@@ -134,10 +137,10 @@ def sample_solutions(
         pad_token_id=pad,
     )
     new = out[:, ids.shape[1] :]
-    stops = {pad, *_eos_ids(model, tokenizer)}
+    stops = {pad, *eos_ids(model, tokenizer)}
     results: list[list[tuple[str, int]]] = []
     for row, seq in enumerate(new.tolist()):
-        n = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
+        n = generated_length(seq, stops)
         text = tokenizer.decode(seq[:n], skip_special_tokens=True)
         end = answer_line_end(text)
         if row % cfg.k == 0:
@@ -146,7 +149,13 @@ def sample_solutions(
     return results
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def generated_length(seq: Sequence[int], stops: set[int]) -> int:
+    """Tokens a sequence generated before its first EOS or padding token (which are not counted)."""
+    return next((i for i, t in enumerate(seq) if t in stops), len(seq))
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The token ids that end a generation: the model's generation config's EOS ids and the tokenizer's."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())

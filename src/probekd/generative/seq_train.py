@@ -6,7 +6,7 @@ question with privileged context such as the worked solution, for self-distillat
 student's next-token distribution is compared with the teacher's (`probekd.generative.token_losses`):
 
     l_i = alpha * T^2 * mean_t D(teacher_t || student_t; T) + (1 - alpha) * mean_t CE(token_t)
-    loss = sum_i w_i l_i / n                                        (n: problems in the optimizer step)
+    loss = sum_i w_i l_i / n          (n: problems in the optimizer step, micro-batch x accumulation steps)
 
 with w_i the problem's weight (PACED: p^alpha (1-p)^beta of the student's pass rate, normalized to mean 1). The
 teacher is a frozen model that shares the student's vocabulary, or, for self-distillation of a LoRA student,
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
@@ -40,11 +40,12 @@ class SequenceTrainConfig(TrainConfig):
     """The `train:` section for sequences: the same fields as the multiple-choice students' (epochs, learning
     rate, batch, the two-stage `first>second` schedule, weighting), with token-level divergences (fkl, rkl, js,
     akl) and pure distillation (alpha 1, T 1) by default. `loss_options` may set `beta` (js), `head_mass` (akl)
-    and `top_k` (the teacher's top-k tokens instead of the whole vocabulary)."""
+    and `top_k` (the teacher's top-k tokens instead of the whole vocabulary). Not used here: `group_by_length`,
+    `report_to`, and of `weighting` only `alpha`, `beta` and `filter_tol` (weights come with the rows)."""
 
     loss: str = "fkl"
-    alpha: float = 1.0
-    temperature: float = 1.0
+    alpha: float = Field(1.0, ge=0, le=1, description="Weight of the distillation term; 1 - alpha: cross-entropy.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both distributions.")
 
     @field_validator("loss")
     @classmethod
@@ -139,13 +140,12 @@ def solution_logits(model: nn.Module, ids: torch.Tensor, attention: torch.Tensor
 class SequenceDistillTrainer(Trainer):
     """`Trainer` with the weighted token-level distillation loss of this module; everything else is `Trainer`'s."""
 
-    loss_is_scaled_for_ga = True
+    loss_is_scaled_for_ga = True  # divided by the problems of the whole optimizer step in `compute_loss`
 
     def __init__(self, *args: Any, teacher: nn.Module | None, train_cfg: SequenceTrainConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.teacher = teacher
+        self.teacher = teacher.to(self.args.device) if teacher is not None else None
         self.train_cfg = train_cfg
-        self.model_accepts_loss_kwargs = True
         if teacher is None and train_cfg.alpha > 0 and not hasattr(_unwrap(self.model), "disable_adapter"):
             raise ProbekdError("self-distillation without a teacher model needs a LoRA student (the frozen initial "
                                "student is the one with its adapters disabled)")  # fmt: skip
@@ -156,7 +156,8 @@ class SequenceDistillTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         per = self.problem_losses(model, inputs)
-        n = len(per) if num_items_in_batch is None else num_items_in_batch
+        # rows have no `labels` for Trainer to count; a short last micro-batch is counted as a full one
+        n = len(per) * self.args.gradient_accumulation_steps
         value = (inputs["weights"].float() * per).sum() / n
         return (value, {}) if return_outputs else value
 
@@ -176,6 +177,8 @@ class SequenceDistillTrainer(Trainer):
             else:
                 with _unwrap(model).disable_adapter():
                     t = solution_logits(model, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], tmask)
+        v = min(s.shape[-1], t.shape[-1])  # one tokenizer; a model may pad its output layer beyond it (Qwen)
+        s, t = s[:, :v], t[:, :v]
         kind = cfg.loss_at(self.state.global_step, self.state.max_steps)
         options = {k: (int(v) if k == "top_k" else v) for k, v in cfg.loss_options.items()}
         div = token_divergence(s, t, kind, temperature=cfg.temperature, **options) * cfg.temperature**2
@@ -212,15 +215,17 @@ def distill_sequences(
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train `model` (a causal LM, or a peft model around one) on `rows` in place; checkpoints each epoch to
-    `out_dir` (a rerun resumes from the last one); one progress bar named `description`. Returns `Trainer`'s log
-    history."""
+    `out_dir` (a rerun resumes from the last one); one progress bar named `description`; `overrides` go to
+    `TrainingArguments`. Returns `Trainer`'s log history."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     from probekd.student.callbacks import StudentProgress
 
+    if cfg.batch_size % cfg.grad_accum:
+        raise ProbekdError(f"train.batch_size {cfg.batch_size} is not a multiple of train.grad_accum {cfg.grad_accum}")
     steps = math.ceil(len(rows) / cfg.batch_size) * cfg.epochs
-    args = TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -240,8 +245,8 @@ def distill_sequences(
         bf16=cfg.bf16,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        **overrides,
     )
+    args = TrainingArguments(**(kwargs | overrides))
     trainer = SequenceDistillTrainer(
         model=model, args=args, train_dataset=rows, data_collator=rows.collate, teacher=teacher, train_cfg=cfg
     )

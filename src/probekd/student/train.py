@@ -6,9 +6,10 @@ Per example i with student logits s_i, soft targets p_i, gold label y_i (-1 when
     l_i = alpha * T^2 * KD(p_i, s_i; T) + (1 - alpha) * CE(y_i, s_i)      (the CE term only where y_i is known)
     loss = sum_i w_i l_i / n
 
-with n the number of examples in the whole optimizer step (all gradient-accumulation micro-batches: the
-`num_items_in_batch` that `Trainer` counts from the `labels` column), so batch size and accumulation do not change
-the loss's scale. Weights are 1 unless a weighting scheme (PACED) gives them.
+with n the number of examples in the whole optimizer step (the micro-batch's rows times the gradient-accumulation
+steps; a short last micro-batch counts as a full one), so batch size and accumulation do not change the loss's
+scale. (Not `Trainer`'s `num_items_in_batch`: for a causal-LM model it counts `labels[..., 1:]`, one row short
+per micro-batch when labels are one per example.) Weights are 1 unless a weighting scheme (PACED) gives them.
 """
 
 from __future__ import annotations
@@ -130,7 +131,6 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.train_cfg = train_cfg
-        self.model_accepts_loss_kwargs = True  # so Trainer counts num_items_in_batch over the whole step
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -149,7 +149,7 @@ class DistillTrainer(Trainer):
             temperature=self.train_cfg.temperature,
             **self.train_cfg.loss_options,
         )
-        n = num_items_in_batch if num_items_in_batch is not None else len(per)
+        n = len(per) * self.args.gradient_accumulation_steps
         value = (weights.float() * per).sum() / n
         return (value, {"logits": logits}) if return_outputs else value
 
