@@ -79,10 +79,15 @@ def gsm8k_problem(obj: dict[str, Any], where: str, pid: str) -> Problem:
     return Problem(pid, str(obj.get("question", "")), gold.strip(), "number", rationale, {"source": where})
 
 
+def _shipped(task: str, split: str, make: Callable[[dict[str, Any], str, str], Problem]) -> list[Problem]:
+    """The problems of a shipped split file, ids `<task>/<split>:<line>` (as the multiple-choice loader makes
+    them, so that AQuA's problems have the same ids in both tracks)."""
+    path = builtin_root() / task / f"{split}.jsonl"
+    return [make(obj, where, f"{task}/{split}:{n}") for where, n, obj in iter_json_records(path)]
+
+
 def _load_gsm8k() -> ProblemSet:
-    root = builtin_root() / "gsm8k"
-    train = [gsm8k_problem(o, w, f"gsm8k/train:{n}") for w, n, o in iter_json_records(root / "train.jsonl")]
-    test = [gsm8k_problem(o, w, f"gsm8k/test:{n}") for w, n, o in iter_json_records(root / "test.jsonl")]
+    train, test = _shipped("gsm8k", "train", gsm8k_problem), _shipped("gsm8k", "test", gsm8k_problem)
     parts = hash_partition(train, "gsm8k/train", {"dev": 0.1, "train": 0.9})
     return ProblemSet("gsm8k", {"train": parts["train"], "dev": parts["dev"], "test": test})
 
@@ -102,10 +107,7 @@ def aqua_problem(obj: dict[str, Any], where: str, pid: str) -> Problem:
 
 
 def _load_aqua() -> ProblemSet:
-    root = builtin_root() / "aqua_rat"
-    # ids as the multiple-choice loader makes them (`<prefix><line>`), so a problem is the same in both tracks
-    dev = [aqua_problem(o, w, f"aqua_rat/dev:{n}") for w, n, o in iter_json_records(root / "dev.jsonl")]
-    test = [aqua_problem(o, w, f"aqua_rat/test:{n}") for w, n, o in iter_json_records(root / "test.jsonl")]
+    dev, test = _shipped("aqua_rat", "dev", aqua_problem), _shipped("aqua_rat", "test", aqua_problem)
     parts = hash_partition(dev, "aqua_rat/dev", {"dev": 0.2, "train": 0.8})
     return ProblemSet("aqua_rat", {"train": parts["train"], "dev": parts["dev"], "test": test})
 
