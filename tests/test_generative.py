@@ -420,7 +420,7 @@ def test_distilling_sequences_moves_the_student_toward_the_teacher(
     rows = _seq_rows(tiny_tokenizer)
     cfg = SequenceTrainConfig(loss="fkl>rkl", epochs=30, learning_rate=1e-2, batch_size=2, warmup_ratio=0.0)
     before = _seq_trainer(student, teacher, rows, tmp_path / "a").problem_losses(student, rows.collate(rows.rows))
-    history = distill_sequences(student, teacher, rows, cfg, tmp_path / "ckpt", seed=0)
+    history = distill_sequences(student, teacher, rows, cfg, tmp_path / "ckpt", seed=0, save_strategy="no")
     after = _seq_trainer(student, teacher, rows, tmp_path / "b").problem_losses(student, rows.collate(rows.rows))
     assert (after < 0.5 * before).all(), (before, after)
     assert any("loss" in h for h in history)
@@ -578,3 +578,32 @@ def test_a_teacher_whose_output_layer_is_padded_beyond_the_tokenizer_is_fine(
     rows = _seq_rows(tiny_tokenizer)
     per = _seq_trainer(student, padded, rows, tmp_path).problem_losses(student, rows.collate(rows.rows))
     assert torch.isfinite(per).all() and (per > 0).all()
+
+
+def test_refreshed_pass_rates_come_from_new_rollouts_and_survive_all_zero(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """With `refresh_epochs: 1` every problem takes part (a first weight of 0 may change), the weights are
+    recomputed after each epoch from the student's new rollouts (cached per step), and a refresh whose weights
+    would all be 0 (the tiny random student solves nothing) keeps the previous ones."""
+    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+
+    tree = {
+        "task": "arith:steps=1,digits=1,n_train=6,n_dev=2,n_test=2",
+        "teacher": str(tiny_llama_dir),
+        "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
+        "train": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "weighting": {"refresh_epochs": 1}},
+        "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 3, "batch_size": 6},
+                     "eval_max_new_tokens": 3},
+        "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["paced"]},
+    }  # fmt: skip
+    cfg = GenerativeRunConfig.model_validate(tree)
+    run = tmp_path / "run"
+    train = load_problems(cfg.task).splits["train"]
+    _write_fixed_rollouts(run / "rollouts" / "s0" / "train", train, cfg.generate.rollouts,
+                          f"{tiny_llama_dir} (initial)", hits=[2, 1, 0, 1, 1, 0])  # fmt: skip
+    (metrics,) = run_generative(cfg, run)
+    assert metrics["trained_problems"] == 6
+    steps = [st["step"] for st in metrics["weighting_stats"]]
+    assert steps == [0, 3]  # at the start (the initial rollouts) and after epoch 1; not after the last step
+    assert metrics["weighting_stats"][0]["zero_share"] == pytest.approx(0.5)
+    assert metrics["weighting_stats"][1]["zero_share"] == pytest.approx(0.5)  # all-zero refresh: previous weights
+    assert (run / "students" / metrics["cell"] / "rollouts" / "step-3" / "summary.json").is_file()

@@ -16,7 +16,9 @@ with its artifact, each skipped when the artifact is there (a rerun resumes):
 4. **Report**: RUN/report/report.md and results.csv: pass@1 per cell and its mean over seeds, the initial
    student's pass@1, and the pass-rate histogram the weights came from.
 
-Refreshing the pass rates during training, on-policy sampling at every step and the forgetting check on a
+With `train.weighting.refresh_epochs` (or `warmup_epochs`), the weights are recomputed during training from
+fresh rollouts of the student as it is then (RUN/students/<cell>/rollouts/step-<n>/, cached: a resumed run reads
+them), every problem with a solution taking part. On-policy sampling at every step and the forgetting check on a
 multiple-choice task are not built yet.
 """
 
@@ -27,6 +29,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -118,10 +121,9 @@ class GenerativeRunConfig(BaseModel):
         if self.student.kind != "causal":
             raise ValueError("a generative run needs a causal student (student.kind: causal)")
         w = self.train.weighting
-        if w.warmup_epochs or w.refresh_epochs or w.pass_rate != "exact" or w.samples != 8:
-            raise ValueError("train.weighting: warmup_epochs, refresh_epochs, pass_rate and samples are not used by a "
-                             "generative run (its pass rates are generate.rollouts.k rollouts of the initial student; "
-                             "refreshing them during training is not built yet); remove them")  # fmt: skip
+        if w.pass_rate != "exact" or w.samples != 8:
+            raise ValueError("train.weighting.pass_rate and samples are for multiple-choice students; a generative "
+                             "run's pass rates are generate.rollouts.k graded rollouts: remove them")  # fmt: skip
         if self.generate.source == "self" and not self.student.lora:
             raise ValueError("generate.source self needs student.lora: true (the frozen initial student is the "
                              "student with its adapters disabled)")  # fmt: skip
@@ -289,8 +291,10 @@ def _train_cell(
     solutions: dict[str, str],
 ) -> dict[str, Any]:
     """Train one cell's student from the initial one, score it, keep it; returns its metrics."""
+    from probekd.generative.pass_rate_weights import RolloutPassRateWeights, scheme_weights
+    from probekd.generative.rollouts import run_rollouts
     from probekd.generative.seq_train import SequenceRows, distill_sequences
-    from probekd.weighting import hard_filter_weights, normalize, paced_weights
+    from probekd.weighting import normalize
 
     seed, loss, weighting = cell
     name = cell_name(seed, loss, weighting, cfg.generate.source)
@@ -298,13 +302,15 @@ def _train_cell(
     t0 = time.perf_counter()
     train, p = problems["train"], initial["pass_rates"]
     model, tok = _load_causal(cfg.student.model, cfg.student, seed)  # the initial student (same LoRA init)
-    if weighting == "paced":
-        raw = paced_weights(p, cfg.train.weighting.alpha, cfg.train.weighting.beta)
-    else:
-        raw = hard_filter_weights(p, cfg.train.weighting.filter_tol) if weighting == "hard_filter" else np.ones_like(p)
+    wcfg = cfg.train.weighting.model_copy(update={"scheme": weighting})
+    # refreshed (or warmed-up) weights can bring back a problem whose first weight is 0: all problems take part
+    dynamic = weighting != "none" and (wcfg.refresh_epochs > 0 or wcfg.warmup_epochs > 0)
+    raw = scheme_weights(wcfg, p)
     source = initial["own"] if cfg.generate.source == "self" else solutions
     # (an empty solution, e.g. a rollout that ended at once, has nothing to distil)
-    keep = [i for i, pr in enumerate(train) if raw[i] > 0 and source.get(pr.id, "").strip()]
+    keep = [i for i, pr in enumerate(train) if (dynamic or raw[i] > 0) and source.get(pr.id, "").strip()]
+    first = np.ones(len(keep)) if wcfg.warmup_epochs > 0 else raw[keep]
+    keep = keep if first.sum() > 0 else []
     base = {"cell": name, "seed": seed, "loss": loss, "weighting": weighting, "source": cfg.generate.source,
             "trained_problems": len(keep), "train_problems": len(train),
             "pass_rates": {"mean": float(p.mean()), "never": float((p == 0).mean()), "always": float((p == 1).mean())},
@@ -320,19 +326,34 @@ def _train_cell(
         [prompt.text(train[i], tok) for i in keep],
         [_teacher_prompt(cfg, train[i], tok if own_template else teacher_tok) for i in keep],
         [source[train[i].id] for i in keep],
-        normalize(raw[keep]).tolist(),
+        normalize(first).tolist(),
         prompt_special_tokens=prompt.resolved_style(tok) == "plain",  # a chat template brings its own
     )
     folder = run / "students" / name
     teacher = teacher if cfg.train.alpha > 0 else None  # alpha 0: cross-entropy on the solutions only
+    weigher = None
+    if dynamic:
+        problems_kept = [train[i] for i in keep]
+        rcfg = cfg.generate.rollouts
+
+        def pass_rates(m: Any, step: int) -> np.ndarray:
+            if step == 0:  # the initial student's, already sampled
+                return p[keep]
+            ro = run_rollouts(m, tok, problems_kept, rcfg.model_copy(update={"seed": rcfg.seed + seed + step}),
+                              folder / "rollouts" / f"step-{step}", model_id=f"{name} at step {step}")  # fmt: skip
+            return ro.pass_rates
+
+        weigher = RolloutPassRateWeights(rows.rows, pass_rates, wcfg, math.ceil(len(rows) / cfg.train.batch_size), seed)
     history = distill_sequences(model, teacher, rows, cfg.train.model_copy(update={"loss": loss}),
-                                folder / "checkpoints", seed, description=name)  # fmt: skip
+                                folder / "checkpoints", seed, description=name,
+                                callbacks=[weigher] if weigher else None)  # fmt: skip
     model.eval()
     metrics = {
         **base,
         "dev": greedy_pass_at_1(model, tok, problems["dev"], cfg.generate, seed),
         "test": greedy_pass_at_1(model, tok, problems["test"], cfg.generate, seed),
         "final_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
+        "weighting_stats": weigher.stats if weigher else [],
     }  # fmt: skip
     _keep_model(model, tok, folder / "model")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)

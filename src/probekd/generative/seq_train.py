@@ -212,10 +212,12 @@ def distill_sequences(
     seed: int = 0,
     *,
     description: str = "distil",
+    callbacks: list[Any] | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train `model` (a causal LM, or a peft model around one) on `rows` in place; checkpoints each epoch to
-    `out_dir` (a rerun resumes from the last one); one progress bar named `description`; `overrides` go to
+    `out_dir` (a rerun resumes from the last one); one progress bar named `description`; `callbacks` are added
+    (one with a `resume_from` attribute learns the checkpoint training resumes from); `overrides` go to
     `TrainingArguments`. Returns `Trainer`'s log history."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -254,5 +256,9 @@ def distill_sequences(
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(StudentProgress(description))
     last = get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
+    for cb in callbacks or []:
+        if hasattr(cb, "resume_from"):
+            cb.resume_from = last
+        trainer.add_callback(cb)
     trainer.train(resume_from_checkpoint=last)
     return list(trainer.state.log_history)

@@ -50,18 +50,22 @@ class PassRateWeights(TrainerCallback):
         self.seed = seed
         self.warmup = round(cfg.warmup_epochs * steps_per_epoch)  # optimizer steps before the first weights
         self.refresh = max(1, round(cfg.refresh_epochs * steps_per_epoch)) if cfg.refresh_epochs > 0 else 0
-        self.gold = np.array([r["labels"] if r["labels"] >= 0 else int(np.argmax(r["targets"].numpy())) for r in rows])
         self.stats: list[dict[str, Any]] = []
         self.resume_from: str | None = None
 
+    def weights_at(self, model: Any, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(weights, pass rates) of the rows from the student as it is at optimizer step `step`."""
+        rows = self.rows
+        gold = np.array([r["labels"] if r["labels"] >= 0 else int(np.argmax(r["targets"].numpy())) for r in rows])
+        probs = self.probabilities()
+        return weights_for(self.cfg, probs, gold, self.seed + step), probs[np.arange(len(gold)), gold]
+
     def _update(self, model: Any, step: int) -> None:
         was_training = model.training
-        probs = self.probabilities()
+        w, p = self.weights_at(model, step)
         model.train(was_training)
-        w = weights_for(self.cfg, probs, self.gold, self.seed + step)
         for row, wi in zip(self.rows, w, strict=True):
             row["weights"] = float(wi)
-        p = probs[np.arange(len(self.gold)), self.gold]
         self.stats.append({"step": step, **weight_stats(w, p)})
         log.info(
             "%s weights at step %d: mean pass rate %.3f, effective sample size %.1f%%, zero weight %.1f%%",
