@@ -470,7 +470,7 @@ def test_generative_run_end_to_end_weights_by_pass_rate_and_resumes(tiny_llama_d
         "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
         "train": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3},
         "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 4, "batch_size": 4},
-                     "eval_max_new_tokens": 4},
+                     "eval_max_new_tokens": 4, "forgetting": {"limit": 12}},
         "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["none", "paced"]},
     }  # fmt: skip
     cfg = GenerativeRunConfig.model_validate(tree)
@@ -484,10 +484,12 @@ def test_generative_run_end_to_end_weights_by_pass_rate_and_resumes(tiny_llama_d
     assert results["none"]["pass_rates"]["mean"] == pytest.approx(5 / 12)
     for r in results.values():
         assert r["test"]["n"] == 4 and 0 <= r["test"]["pass_at_1"] <= 1 and len(r["test"]["correct"]) == 4
+        before, after = r["forgetting"]["before"], r["forgetting"]["after"]  # ARC-Easy test[:12], option scores
+        assert before["n"] == after["n"] == 12 and 0 <= after["accuracy"] <= 1 and before["task"] == "arc_easy"
         model = run / "students" / r["cell"] / "model"
         assert (model / "config.json").is_file() and not (model / "adapter_config.json").exists()  # LoRA merged
     report = (run / "report" / "report.md").read_text()
-    assert "gold-fkl-paced-s0" in report and "Mean over seeds" in report
+    assert "gold-fkl-paced-s0" in report and "Mean over seeds" in report and "arc_easy test[:12]" in report
 
     # a rerun (here through the CLI) trains nothing again and rewrites the same report
     stamp = (run / "students" / "gold-fkl-paced-s0" / "metrics.json").stat().st_mtime_ns
@@ -592,7 +594,7 @@ def test_refreshed_pass_rates_come_from_new_rollouts_and_survive_all_zero(tiny_l
         "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
         "train": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "weighting": {"refresh_epochs": 1}},
         "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 3, "batch_size": 6},
-                     "eval_max_new_tokens": 3},
+                     "eval_max_new_tokens": 3, "forgetting": None},
         "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["paced"]},
     }  # fmt: skip
     cfg = GenerativeRunConfig.model_validate(tree)

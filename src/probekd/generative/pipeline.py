@@ -18,8 +18,9 @@ with its artifact, each skipped when the artifact is there (a rerun resumes):
 
 With `train.weighting.refresh_epochs` (or `warmup_epochs`), the weights are recomputed during training from
 fresh rollouts of the student as it is then (RUN/students/<cell>/rollouts/step-<n>/, cached: a resumed run reads
-them), every problem with a solution taking part. On-policy sampling at every step and the forgetting check on a
-multiple-choice task are not built yet.
+them), every problem with a solution taking part. `generate.forgetting`: each student's accuracy on a
+multiple-choice task (option likelihoods) before and after, in metrics.json and the report. On-policy sampling at
+every step is not built yet.
 """
 
 from __future__ import annotations
@@ -49,6 +50,35 @@ from probekd.weighting import Scheme
 log = logging.getLogger(__name__)
 
 
+class ForgettingConfig(BaseModel):
+    """What the student knew before: its accuracy on a multiple-choice task (each option's length-normalized
+    log-likelihood after the question), before and after distillation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field("arc_easy", description="A multiple-choice task (built-in name, folder or hf:<dataset>).")
+    split: str = Field("test", description="Its split.")
+    limit: int = Field(200, ge=1, description="Its first N questions.")
+    max_length: int = Field(96, ge=8, description="Tokens per (question, option) sequence.")
+
+
+def mc_accuracy(model: Any, tok: Any, cfg: ForgettingConfig, seed: int = 0) -> dict[str, Any]:
+    """The causal model's accuracy (bootstrap 95% interval) on `cfg`'s multiple-choice questions, scored by option
+    likelihood (`probekd.student.heads`, the causal option student)."""
+    from probekd.data import load_task
+    from probekd.predict import accuracy, predict_probs
+    from probekd.student.heads import StudentConfig, assemble
+
+    splits = load_task(cfg.task).splits
+    if cfg.split not in splits:
+        raise ProbekdError(f"generate.forgetting: task {cfg.task!r} has no split {cfg.split!r}")
+    examples = splits[cfg.split][: cfg.limit]
+    scfg = StudentConfig(model="generative student", kind="causal", formulation="option", max_length=cfg.max_length)
+    student = assemble(model, tok, scfg, max(ex.k for ex in examples))
+    result = accuracy(examples, predict_probs(student, examples), seed)
+    return {"task": cfg.task, "split": cfg.split, **(result or {})}
+
+
 class GenerateConfig(BaseModel):
     """The `generate:` section: what the student learns from, and how its pass rates are estimated."""
 
@@ -74,6 +104,10 @@ class GenerateConfig(BaseModel):
         description="Sampling of the student's K rollouts (pass rates) and of the teacher's solutions.",
     )
     eval_max_new_tokens: int = Field(256, ge=1, description="Longest greedy solution when scoring pass@1.")
+    forgetting: ForgettingConfig | None = Field(
+        default_factory=ForgettingConfig,  # type: ignore[arg-type]
+        description="A multiple-choice check of what the student knew before, scored before and after (null: off).",
+    )
 
 
 class GenerativeGrid(BaseModel):
@@ -270,13 +304,16 @@ def _initial_student(cfg: GenerativeRunConfig, run: Path, problems: dict[str, li
     rcfg = cfg.generate.rollouts.model_copy(update={"seed": cfg.generate.rollouts.seed + seed})
     folder = run / "rollouts" / f"s{seed}"
     ro = run_rollouts(model, tok, problems["train"], rcfg, folder / "train", model_id=f"{cfg.student.model} (initial)")
-    test_path = folder / "initial_test.json"
+    test_path, mc_path = folder / "initial_test.json", folder / "initial_forgetting.json"
     if not test_path.is_file():
         write_json(test_path, greedy_pass_at_1(model, tok, problems["test"], cfg.generate, seed))
+    if cfg.generate.forgetting is not None and not mc_path.is_file():
+        write_json(mc_path, mc_accuracy(model, tok, cfg.generate.forgetting, seed))
     return {
         "pass_rates": ro.pass_rates,
         "own": {pid: rs[0].text for pid, rs in zip(ro.ids, ro.rollouts, strict=True)},
         "test": json.loads(test_path.read_text()),
+        "forgetting": json.loads(mc_path.read_text()) if cfg.generate.forgetting is not None else None,
     }
 
 
@@ -355,6 +392,9 @@ def _train_cell(
         "final_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
         "weighting_stats": weigher.stats if weigher else [],
     }  # fmt: skip
+    if cfg.generate.forgetting is not None:
+        metrics["forgetting"] = {"before": initial["forgetting"],
+                                 "after": mc_accuracy(model, tok, cfg.generate.forgetting, seed)}  # fmt: skip
     _keep_model(model, tok, folder / "model")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
@@ -388,12 +428,15 @@ def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[d
     out = run / "report"
     out.mkdir(parents=True, exist_ok=True)
     fields = ["cell", "source", "loss", "weighting", "seed", "test_pass_at_1", "test_ci_low", "test_ci_high",
-              "dev_pass_at_1", "initial_test_pass_at_1", "trained_problems", "mean_pass_rate", "seconds"]  # fmt: skip
+              "dev_pass_at_1", "initial_test_pass_at_1", "trained_problems", "mean_pass_rate", "seconds",
+              "mc_before", "mc_after"]  # fmt: skip
     rows = [{"cell": r["cell"], "source": r["source"], "loss": r["loss"], "weighting": r["weighting"],
              "seed": r["seed"], "test_pass_at_1": r["test"]["pass_at_1"], "test_ci_low": r["test"]["ci"][0],
              "test_ci_high": r["test"]["ci"][1], "dev_pass_at_1": r["dev"]["pass_at_1"],
              "initial_test_pass_at_1": r["initial_test"]["pass_at_1"], "trained_problems": r["trained_problems"],
-             "mean_pass_rate": r["pass_rates"]["mean"], "seconds": r["seconds"]}
+             "mean_pass_rate": r["pass_rates"]["mean"], "seconds": r["seconds"],
+             "mc_before": (r.get("forgetting") or {}).get("before", {}).get("accuracy"),
+             "mc_after": (r.get("forgetting") or {}).get("after", {}).get("accuracy")}
             for r in results if "skipped" not in r]  # fmt: skip
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
@@ -401,6 +444,8 @@ def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[d
     writer.writerows(rows)
     write_text(out / "results.csv", buf.getvalue())
     teacher = f", teacher `{cfg.teacher}`" if cfg.generate.source != "self" else ""
+    fc = cfg.generate.forgetting
+    mc_header = f"{fc.task} {fc.split}[:{fc.limit}] before -> after" if fc is not None else "forgetting check"
     lines = [
         f"# {cfg.name}",
         "",
@@ -408,16 +453,17 @@ def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[d
         f"`{cfg.generate.source}`{teacher}; {cfg.generate.rollouts.k} rollouts per problem for the pass rates. "
         "Greedy pass@1.",
         "",
-        "| cell | test pass@1 [95% CI] | dev | initial student (test) | problems trained |",
-        "|---|---|---|---|---|",
+        "| cell | test pass@1 [95% CI] | dev | initial student (test) | problems trained | " + mc_header + " |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['cell']} | skipped: {r['skipped']} | | {r['initial_test']['pass_at_1']:.3f} | 0 |")
+            lines.append(f"| {r['cell']} | skipped: {r['skipped']} | | {r['initial_test']['pass_at_1']:.3f} | 0 | |")
     for r in rows:
         ci = f"[{r['test_ci_low']:.3f}, {r['test_ci_high']:.3f}]"
+        mc = f"{r['mc_before']:.3f} -> {r['mc_after']:.3f}" if r["mc_after"] is not None else "-"
         lines.append(f"| {r['cell']} | {r['test_pass_at_1']:.3f} {ci} | {r['dev_pass_at_1']:.3f} | "
-                     f"{r['initial_test_pass_at_1']:.3f} | {r['trained_problems']} |")  # fmt: skip
+                     f"{r['initial_test_pass_at_1']:.3f} | {r['trained_problems']} | {mc} |")  # fmt: skip
     lines += [
         "",
         "Mean over seeds (95% t-interval):",
