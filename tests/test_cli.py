@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from probekd.cli import app
 from probekd.data.tasks import builtin_root
+from probekd.errors import ProbekdError
 
 EXE = shutil.which("probekd", path=str(Path(sys.executable).parent)) or shutil.which("probekd")
 
@@ -63,6 +66,9 @@ def test_bad_input_exits_2_with_location(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "No such option: --colums" in proc.stderr
     proc = run("data", "stats", "arc_easy", "--columns", '{"questoin": "q"}', check=False)
     assert proc.returncode == 2 and "questoin" in proc.stderr
+    (tmp_path / "bad.yaml").write_text("grid: {mode: sideways}\n")
+    proc = run("run", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r"), check=False)
+    assert proc.returncode == 2 and "grid.mode" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_models_prepare_prints_folder_last(tiny_llama_dir: Path) -> None:
@@ -176,14 +182,17 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
     )
     assert "reused from " + str(tmp_path / "mine") + ": 5 targets files, 2 finished students" in reused.stdout
     assert not (same / "teacher").exists() and f"report: {same / 'report' / 'report.md'}" in reused.stdout.splitlines()
-    both = run("run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--overwrite", check=False)
-    assert both.returncode == 2 and "--reuse with --overwrite" in both.stderr
-    bad = run("run", str(path), "--set", "grid.mode=sideways", check=False)
-    assert bad.returncode == 2 and "grid.mode" in bad.stderr and "Traceback" not in bad.stderr
-    missing = run("report", str(tmp_path / "nothing"), check=False)
-    assert missing.returncode == 2 and "no finished students" in missing.stderr
+    # errors in input (in-process: `main` turns these into one line and exit 2, test_bad_input_exits_2_with_location)
+    runner = CliRunner()
+    both = runner.invoke(app, ["run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--overwrite"])
+    assert isinstance(both.exception, ProbekdError) and "--reuse with --overwrite" in str(both.exception)
+    bad = runner.invoke(app, ["run", str(path), "--set", "grid.mode=sideways"])
+    assert isinstance(bad.exception, ProbekdError) and "grid.mode" in str(bad.exception)
+    missing = runner.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert isinstance(missing.exception, ProbekdError) and "no finished students" in str(missing.exception)
 
 
+@pytest.mark.slow
 def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
     """`--stage targets` where the teacher is; `scripts/bundle_students_stage.sh` packs the run without the
     teacher's caches, with the student model, unpacked at another path as on a GPU machine;

@@ -456,9 +456,17 @@ def test_grid_exclude_leaves_cells_out_and_the_record_keeps_only_safe_entries(tm
 def test_shipped_configs_are_valid() -> None:
     """Every configuration a user is pointed to loads: the experiments, the demo and the README's quickstart."""
     root = Path(__file__).resolve().parents[1]
+    from probekd.generative.pipeline import GenerativeRunConfig
+
     paths = sorted((root / "experiments").glob("*.yaml"))
     assert len(paths) >= 5
-    for path in paths:
+    generative = [p for p in paths if "generate" in yaml.safe_load(p.read_text())]
+    assert generative  # the generative track's configurations: their own schema
+    for path in generative:
+        assert GenerativeRunConfig.model_validate(yaml.safe_load(path.read_text())).name, path
+        with pytest.raises(ConfigError, match="generative configuration"):
+            load_config(path)
+    for path in (p for p in paths if p not in generative):
         assert load_config(path).name, path
         assert load_config(path).grid.dev == "proportional", path  # an honest label budget
     readme = (root / "README.md").read_text()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import probekd
 from probekd.cli import app
 from probekd.config import load_config
-from probekd.data.tasks import _builtin_root
+from probekd.data.tasks import builtin_root
 from probekd.errors import ConfigError, ProbekdError
 from probekd.experiment import run_experiment
 from probekd.report.report import write_report
@@ -27,7 +27,7 @@ def _task_folder(folder: Path, *, shuffle_test_answers: bool = False) -> Path:
     """The first rows of the bundled ARC-Easy splits as a user's folder; optionally every test answer moved to
     another option (what a search that read test would notice)."""
     folder.mkdir(parents=True)
-    src = _builtin_root() / "arc_easy"
+    src = builtin_root() / "arc_easy"
     for split, n in SIZES.items():
         rows = [json.loads(x) for x in (src / f"{split}.jsonl").read_text().splitlines()[:n]]
         if split == "test" and shuffle_test_answers:
