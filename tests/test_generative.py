@@ -458,26 +458,37 @@ def _write_fixed_rollouts(folder: Path, problems, cfg: RolloutConfig, model_id: 
         (folder / f"shard-{i:05d}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_generative_run_end_to_end_weights_by_pass_rate_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    import yaml
-
-    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+def _tiny_generative_run(tiny_llama_dir: Path, tmp_path: Path, train: dict, generate: dict, weightings: list[str]):
+    """A tiny generative run's configuration tree, validated configuration and folder, with the initial student's
+    rollouts already there (fixed: problem i has hits[i] of 2 right, pass rates 1, .5, 0, .5, .5, 0)."""
+    from probekd.generative.pipeline import GenerativeRunConfig
 
     tree = {
         "name": "tiny generative run",
         "task": "arith:steps=1,digits=1,n_train=6,n_dev=3,n_test=4",
         "teacher": str(tiny_llama_dir),
         "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
-        "train": {"epochs": 1, "batch_size": 2, "learning_rate": 1e-3},
+        "train": {"batch_size": 2, "learning_rate": 1e-3, **train},
         "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 4, "batch_size": 4},
-                     "eval_max_new_tokens": 4, "forgetting": {"limit": 12}},
-        "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["none", "paced"]},
+                     "eval_max_new_tokens": 4, **generate},
+        "grid": {"seeds": [0], "losses": ["fkl"], "weightings": weightings},
     }  # fmt: skip
     cfg = GenerativeRunConfig.model_validate(tree)
     run = tmp_path / "run"
-    train = load_problems(cfg.task).splits["train"]
-    _write_fixed_rollouts(run / "rollouts" / "s0" / "train", train, cfg.generate.rollouts,
+    problems = load_problems(cfg.task).splits["train"]
+    _write_fixed_rollouts(run / "rollouts" / "s0" / "train", problems, cfg.generate.rollouts,
                           f"{tiny_llama_dir} (initial)", hits=[2, 1, 0, 1, 1, 0])  # fmt: skip
+    return tree, cfg, run
+
+
+def test_generative_run_end_to_end_weights_by_pass_rate_and_resumes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+
+    tree, cfg, run = _tiny_generative_run(
+        tiny_llama_dir, tmp_path, {"epochs": 1}, {"forgetting": {"limit": 12}}, ["none", "paced"]
+    )
     results = {r["weighting"]: r for r in run_generative(cfg, run)}
     # pass rates (1, .5, 0, .5, .5, 0): PACED keeps the three problems with 0 < p < 1, the unweighted cell all six
     assert results["paced"]["trained_problems"] == 3 and results["none"]["trained_problems"] == 6
@@ -586,22 +597,11 @@ def test_refreshed_pass_rates_come_from_new_rollouts_and_survive_all_zero(tiny_l
     """With `refresh_epochs: 1` every problem takes part (a first weight of 0 may change), the weights are
     recomputed after each epoch from the student's new rollouts (cached per step), and a refresh whose weights
     would all be 0 (the tiny random student solves nothing) keeps the previous ones."""
-    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+    from probekd.generative.pipeline import run_generative
 
-    tree = {
-        "task": "arith:steps=1,digits=1,n_train=6,n_dev=2,n_test=2",
-        "teacher": str(tiny_llama_dir),
-        "student": {"model": str(tiny_llama_dir), "kind": "causal", "lora": True, "lora_r": 4},
-        "train": {"epochs": 2, "batch_size": 2, "learning_rate": 1e-3, "weighting": {"refresh_epochs": 1}},
-        "generate": {"source": "gold", "rollouts": {"k": 2, "max_new_tokens": 3, "batch_size": 6},
-                     "eval_max_new_tokens": 3, "forgetting": None},
-        "grid": {"seeds": [0], "losses": ["fkl"], "weightings": ["paced"]},
-    }  # fmt: skip
-    cfg = GenerativeRunConfig.model_validate(tree)
-    run = tmp_path / "run"
-    train = load_problems(cfg.task).splits["train"]
-    _write_fixed_rollouts(run / "rollouts" / "s0" / "train", train, cfg.generate.rollouts,
-                          f"{tiny_llama_dir} (initial)", hits=[2, 1, 0, 1, 1, 0])  # fmt: skip
+    _, cfg, run = _tiny_generative_run(
+        tiny_llama_dir, tmp_path, {"epochs": 2, "weighting": {"refresh_epochs": 1}}, {"forgetting": None}, ["paced"]
+    )
     (metrics,) = run_generative(cfg, run)
     assert metrics["trained_problems"] == 6
     steps = [st["step"] for st in metrics["weighting_stats"]]
