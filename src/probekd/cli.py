@@ -362,8 +362,8 @@ def run(
     """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped.
     A configuration with a `generate:` section is a generative run (free-form task, rollouts, token-level
     distillation; see README)."""
-    from probekd.config import load_config, read_config_tree, validated
-    from probekd.generative.pipeline import GenerativeRunConfig, is_generative, run_generative
+    from probekd.config import is_generative, load_config, read_config_tree, validated
+    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
     from probekd.reuse import reuse_run
 
     run_dir = out or Path("runs") / config.stem

@@ -266,6 +266,12 @@ def read_config_tree(
     return tree, source
 
 
+def is_generative(tree: dict[str, Any]) -> bool:
+    """Whether a configuration tree (the YAML's mapping) describes a generative run: it has a `generate:` section
+    (`probekd.generative.pipeline.GenerativeRunConfig`)."""
+    return "generate" in tree
+
+
 def validated(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
     """`model` validated from `tree`; errors name every bad field (ConfigError)."""
     try:
@@ -277,7 +283,7 @@ def validated(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
 def load_config(path: Path | None, overrides: list[str] | None = None, base: dict[str, Any] | None = None) -> RunConfig:
     """Read a run configuration from YAML (or start from `base`), apply `--set` overrides, validate."""
     tree, source = read_config_tree(path, overrides, base)
-    if "generate" in tree:
+    if is_generative(tree):
         raise ConfigError(f"{source} is a generative configuration (it has a `generate:` section): run it with "
                           "`probekd run`, or load it with probekd.generative.pipeline.GenerativeRunConfig")  # fmt: skip
     return validated(RunConfig, tree, source)

@@ -167,11 +167,6 @@ class GenerativeRunConfig(BaseModel):
         return [(s, loss, w) for s in self.grid.seeds for loss in self.grid.losses for w in self.grid.weightings]
 
 
-def is_generative(tree: dict[str, Any]) -> bool:
-    """Whether a configuration tree (the YAML's mapping) describes a generative run."""
-    return "generate" in tree
-
-
 def cell_name(seed: int, loss: str, weighting: str, source: str) -> str:
     return f"{source}-{loss.replace('>', 'then')}-{weighting}-s{seed}"
 
@@ -191,26 +186,23 @@ def _check_run_dir(run: Path, cfg: GenerativeRunConfig) -> None:
 
 
 def _load_causal(name: str, lora: StudentConfig | None = None, seed: int = 0) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer (with LoRA adapters when `lora` asks for them), in eval mode."""
+    """A causal LM in float32 and its tokenizer (`load_teacher`), trainable, with LoRA adapters when `lora` asks
+    for them (initialized from `seed`), in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from probekd.models import prepare
+    from probekd.teacher.extract import load_teacher
 
-    folder = prepare(name)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device)
+    loaded = load_teacher(str(prepare(name)), compute_dtype="float32")
+    model = loaded.model.requires_grad_(True)  # a student; a teacher is frozen again by the trainer
     if lora is not None and lora.lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
             model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, target_modules="all-linear", lora_dropout=0.0)
         )
-    return model.eval(), tok
+    return model.eval(), loaded.tokenizer
 
 
 def greedy_pass_at_1(model: Any, tok: Any, problems: list[Any], cfg: GenerateConfig, seed: int = 0) -> dict[str, Any]:
