@@ -609,3 +609,80 @@ def test_refreshed_pass_rates_come_from_new_rollouts_and_survive_all_zero(tiny_l
     assert metrics["weighting_stats"][0]["zero_share"] == pytest.approx(0.5)
     assert metrics["weighting_stats"][1]["zero_share"] == pytest.approx(0.5)  # all-zero refresh: previous weights
     assert (run / "students" / metrics["cell"] / "rollouts" / "step-3" / "summary.json").is_file()
+
+
+def test_a_replaced_solution_is_the_row_built_with_it(tiny_tokenizer) -> None:
+    from probekd.generative.seq_train import SequenceRows
+
+    rows = _seq_rows(tiny_tokenizer, teacher_prefix="Worked: 7.\n")
+    rows.replace_solution(1, "1 + 1 = 2\n#### 2\n")
+    fresh = SequenceRows(tiny_tokenizer, ["Question: 1 plus 1?\nSolution:\n"],
+                         ["Worked: 7.\nQuestion: 1 plus 1?\nSolution:\n"], ["1 + 1 = 2\n#### 2\n"])  # fmt: skip
+    assert rows[1] == fresh[0]
+    assert rows[0] == _seq_rows(tiny_tokenizer, teacher_prefix="Worked: 7.\n")[0]  # the other row is untouched
+    with pytest.raises(ProbekdError, match="row 0: the solution is empty"):
+        rows.replace_solution(0, "")
+
+
+def test_a_resumed_on_policy_run_puts_the_last_refresh_solutions_back(tiny_tokenizer, tmp_path: Path) -> None:
+    """On resume the weights come from the checkpoint; with `replay_on_resume` the last refresh's rollouts (read
+    from their cache) are put back into the rows too, and nothing is asked for the steps before it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from probekd.atomic import write_json
+    from probekd.generative.pass_rate_weights import RolloutPassRateWeights
+    from probekd.student.callbacks import WEIGHTS_FILE
+    from probekd.weighting import WeightingConfig
+
+    rows = _seq_rows(tiny_tokenizer)
+    asked: list[int] = []
+
+    def pass_rates(model: object, step: int) -> np.ndarray:
+        asked.append(step)
+        rows.replace_solution(0, f"#### {step}\n")
+        return np.array([0.5, 0.5])
+
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    stats = [{"step": 0, "mean_pass_rate": 0.5}, {"step": 3, "mean_pass_rate": 0.5}]
+    write_json(checkpoint / WEIGHTS_FILE, {"weights": [1.5, 0.5], "stats": stats})
+    model = SimpleNamespace(training=True, train=lambda mode=True: None, eval=lambda: None)
+    for replay, expected in ((False, []), (True, [3])):
+        asked.clear()
+        cb = RolloutPassRateWeights(rows.rows, pass_rates, WeightingConfig(scheme="paced", refresh_epochs=1), 3, 0,
+                                    replay_on_resume=replay)  # fmt: skip
+        cb.resume_from = str(checkpoint)
+        cb.on_train_begin(None, SimpleNamespace(global_step=4), None, model=model)
+        assert asked == expected
+        assert [r["weights"] for r in rows.rows] == [1.5, 0.5]  # the checkpoint's weights, not recomputed ones
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]).endswith("#### 3\n")
+
+
+def test_on_policy_run_trains_on_own_rollouts_and_histograms_pass_rates(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`source: on_policy`: the initial student's rollouts are the solutions (all six problems have one), refreshed
+    after epoch 1; the pass-rate histogram before training is the fixed rollouts' (2, 1, 0, 1, 1, 0 of 2 right)."""
+    from pydantic import ValidationError
+
+    from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+    from probekd.report.plots import plots_available
+
+    tree, cfg, run = _tiny_generative_run(
+        tiny_llama_dir, tmp_path, {"epochs": 2, "weighting": {"refresh_epochs": 1}},
+        {"source": "on_policy", "forgetting": None}, ["none"],
+    )  # fmt: skip
+    (metrics,) = run_generative(cfg, run)
+    assert metrics["cell"] == "on_policy-fkl-none-s0" and metrics["trained_problems"] == 6
+    assert [st["step"] for st in metrics["weighting_stats"]] == [0, 3]
+    assert metrics["weighting_stats"][0]["ess_share"] == pytest.approx(1.0)  # unweighted: all weights 1
+    folder = run / "students" / metrics["cell"]
+    assert (folder / "rollouts" / "step-3" / "summary.json").is_file()
+    hist = metrics["pass_rate_histogram"]
+    assert hist["problems"] == 6 and hist["k"] == 2 and hist["before"] == [2, 3, 1] and sum(hist["after"]) == 6
+    report = (run / "report" / "report.md").read_text()
+    assert "| initial | 2 3 1 | 0.417 |" in report and "| fkl, none |" in report
+    if plots_available():
+        assert (run / "report" / "pass_rates.png").stat().st_size > 0 and "pass_rates.png" in report
+    with pytest.raises(ValidationError, match="alpha > 0"):
+        GenerativeRunConfig.model_validate({**tree, "train": {"alpha": 0.0}})

@@ -33,7 +33,11 @@ def scheme_weights(cfg: WeightingConfig, p: np.ndarray) -> np.ndarray:
 class RolloutPassRateWeights(PassRateWeights):
     """`PassRateWeights` for sequence rows: `pass_rates(model, step)` gives the rows' pass rates from rollouts of
     the student at optimizer step `step`. Weights that would all be 0 (the student now solves every problem always
-    or never) leave the previous ones in force, with a warning."""
+    or never) leave the previous ones in force, with a warning.
+
+    `pass_rates` may also change the rows' solutions (an on-policy source trains on the rollouts it samples); with
+    `replay_on_resume`, a resumed run calls it again for the last refresh before the checkpoint (whose rollouts are
+    cached, so nothing is sampled) so that the rows hold that refresh's solutions again."""
 
     def __init__(
         self,
@@ -42,9 +46,18 @@ class RolloutPassRateWeights(PassRateWeights):
         cfg: WeightingConfig,
         steps_per_epoch: int,
         seed: int,
+        *,
+        replay_on_resume: bool = False,
     ) -> None:
         super().__init__(rows, lambda: np.zeros((len(rows), 0)), cfg, steps_per_epoch, seed)
         self.pass_rates = pass_rates
+        self.replay_on_resume = replay_on_resume
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        super().on_train_begin(args, state, control, model=model, **kw)
+        last = self.stats[-1]["step"] if self.stats else 0
+        if self.replay_on_resume and state.global_step > 0 and last > 0:
+            self.weights_at(model, last)  # the cached rollouts of that refresh put back into the rows
 
     def weights_at(self, model: Any, step: int) -> tuple[np.ndarray, np.ndarray]:
         was_training = model.training

@@ -6,21 +6,23 @@ with its artifact, each skipped when the artifact is there (a rerun resumes):
 1. **Solutions to learn from** (`generate.source`): `teacher`, the teacher's sampled solutions of the training
    problems (RUN/solutions/teacher/, a rollout cache; with `correct_only`, the first correct one per problem, and
    problems without one are left out); `gold`, the dataset's worked solutions; `self`, self-distillation: the
-   student's own rollouts, scored by the frozen initial student that sees the worked solution in its prompt.
+   student's own rollouts, scored by the frozen initial student that sees the worked solution in its prompt;
+   `on_policy`: the student's own rollouts, scored by the teacher (as in GKD).
 2. **Pass rates** (per seed): K rollouts of the initial student on every training problem
    (RUN/rollouts/s<seed>/train/), p = share graded correct. Computed once, before training (the paper's default).
 3. **Students** (per cell: seed x loss x weighting): weights w(p) (`none`, `paced`, `hard_filter`, normalized
    to mean 1 over the problems; problems of weight 0 are not trained on), token-level distillation
    (`probekd.generative.seq_train`), then greedy pass@1 on dev and test with a bootstrap interval
-   (RUN/students/<cell>/metrics.json), the student kept at RUN/students/<cell>/model/ (LoRA merged).
+   (RUN/students/<cell>/metrics.json), the student kept at RUN/students/<cell>/model/ (LoRA merged), and with
+   `generate.histogram_problems` K rollouts of it on the first N training problems (the pass rates after).
 4. **Report**: RUN/report/report.md and results.csv: pass@1 per cell and its mean over seeds, the initial
-   student's pass@1, and the pass-rate histogram the weights came from.
+   student's pass@1, and the pass-rate histograms before and after training (pass_rates.png).
 
 With `train.weighting.refresh_epochs` (or `warmup_epochs`), the weights are recomputed during training from
 fresh rollouts of the student as it is then (RUN/students/<cell>/rollouts/step-<n>/, cached: a resumed run reads
-them), every problem with a solution taking part. `generate.forgetting`: each student's accuracy on a
-multiple-choice task (option likelihoods) before and after, in metrics.json and the report. On-policy sampling at
-every step is not built yet.
+them), every problem with a solution taking part; the on-policy sources (`on_policy`, `self`) then train on those
+fresh rollouts too (replayed from their cache on resume). `generate.forgetting`: each student's accuracy on a
+multiple-choice task (option likelihoods) before and after, in metrics.json and the report.
 """
 
 from __future__ import annotations
@@ -84,11 +86,13 @@ class GenerateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["teacher", "gold", "self"] = Field(
+    source: Literal["teacher", "gold", "on_policy", "self"] = Field(
         "teacher",
         description="`teacher`: the teacher's sampled solutions; `gold`: the dataset's worked solutions, scored by "
-        "the teacher; `self`: the student's own rollouts, scored by the frozen initial student with the worked "
-        "solution in its prompt (self-distillation; needs a LoRA student).",
+        "the teacher; `on_policy`: the student's own rollouts, scored by the teacher (GKD-style); `self`: the "
+        "student's own rollouts, scored by the frozen initial student with the worked solution in its prompt "
+        "(self-distillation; needs a LoRA student). The two on-policy sources re-sample their solutions at every "
+        "refresh of the pass rates (train.weighting.refresh_epochs).",
     )
     correct_only: bool = Field(
         True, description="`teacher`: keep only solutions graded correct (problems without one are left out)."
@@ -104,10 +108,21 @@ class GenerateConfig(BaseModel):
         description="Sampling of the student's K rollouts (pass rates) and of the teacher's solutions.",
     )
     eval_max_new_tokens: int = Field(256, ge=1, description="Longest greedy solution when scoring pass@1.")
+    histogram_problems: int | None = Field(
+        64,
+        ge=1,
+        description="Pass-rate histograms before and after training on the first N training problems (K rollouts "
+        "of each trained student on them); null: none.",
+    )
     forgetting: ForgettingConfig | None = Field(
         default_factory=ForgettingConfig,  # type: ignore[arg-type]
         description="A multiple-choice check of what the student knew before, scored before and after (null: off).",
     )
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether the solutions are the student's own rollouts (re-sampled at each refresh)."""
+        return self.source in ("on_policy", "self")
 
 
 class GenerativeGrid(BaseModel):
@@ -161,6 +176,9 @@ class GenerativeRunConfig(BaseModel):
         if self.generate.source == "self" and not self.student.lora:
             raise ValueError("generate.source self needs student.lora: true (the frozen initial student is the "
                              "student with its adapters disabled)")  # fmt: skip
+        if self.generate.on_policy and self.train.alpha == 0:
+            raise ValueError(f"generate.source {self.generate.source} with train.alpha 0 would train the student on "
+                             "its own samples with no teacher distribution: set alpha > 0")  # fmt: skip
         return self
 
     def cells(self) -> list[tuple[int, str, str]]:
@@ -264,7 +282,7 @@ def run_generative(cfg: GenerativeRunConfig, run: Path) -> list[dict[str, Any]]:
 
 def _solutions(cfg: GenerativeRunConfig, run: Path, train: list[Any]) -> tuple[Any, Any, dict[str, str]]:
     """The teacher model and tokenizer (None for self-distillation) and the solutions to learn from by problem id
-    (empty for `self`: the student's own rollouts come per seed)."""
+    (empty for the on-policy sources: the student's own rollouts come per seed)."""
     from probekd.generative.rollouts import run_rollouts
     from probekd.generative.seq_train import check_shared_vocabulary
 
@@ -273,6 +291,8 @@ def _solutions(cfg: GenerativeRunConfig, run: Path, train: list[Any]) -> tuple[A
     teacher, teacher_tok = _load_causal(cfg.teacher)
     if cfg.train.alpha > 0:  # token-level distillation compares distributions over one vocabulary
         check_shared_vocabulary(_tokenizer(cfg.student.model), teacher_tok, cfg.student.model, cfg.teacher)
+    if cfg.generate.source == "on_policy":
+        return teacher, teacher_tok, {}
     if cfg.generate.source == "gold":
         return teacher, teacher_tok, {p.id: p.rationale for p in train if p.rationale}
     tcfg = cfg.generate.rollouts.model_copy(update={"k": cfg.generate.teacher_samples})
@@ -334,8 +354,9 @@ def _train_cell(
     wcfg = cfg.train.weighting.model_copy(update={"scheme": weighting})
     # refreshed (or warmed-up) weights can bring back a problem whose first weight is 0: all problems take part
     dynamic = weighting != "none" and (wcfg.refresh_epochs > 0 or wcfg.warmup_epochs > 0)
+    resample = cfg.generate.on_policy and wcfg.refresh_epochs > 0  # fresh own rollouts become the solutions
     raw = scheme_weights(wcfg, p)
-    source = initial["own"] if cfg.generate.source == "self" else solutions
+    source = initial["own"] if cfg.generate.on_policy else solutions
     # (an empty solution, e.g. a rollout that ended at once, has nothing to distil)
     keep = [i for i, pr in enumerate(train) if (dynamic or raw[i] > 0) and source.get(pr.id, "").strip()]
     first = np.ones(len(keep)) if wcfg.warmup_epochs > 0 else raw[keep]
@@ -361,18 +382,23 @@ def _train_cell(
     folder = run / "students" / name
     teacher = teacher if cfg.train.alpha > 0 else None  # alpha 0: cross-entropy on the solutions only
     weigher = None
-    if dynamic:
+    rcfg = cfg.generate.rollouts
+    if dynamic or resample:
         problems_kept = [train[i] for i in keep]
-        rcfg = cfg.generate.rollouts
 
         def pass_rates(m: Any, step: int) -> np.ndarray:
             if step == 0:  # the initial student's, already sampled
                 return p[keep]
             ro = run_rollouts(m, tok, problems_kept, rcfg.model_copy(update={"seed": rcfg.seed + seed + step}),
                               folder / "rollouts" / f"step-{step}", model_id=f"{name} at step {step}")  # fmt: skip
+            if resample:  # a problem whose new first rollout is empty keeps its previous solution
+                for j, rs in enumerate(ro.rollouts):
+                    if rs[0].text.strip():
+                        rows.replace_solution(j, rs[0].text)
             return ro.pass_rates
 
-        weigher = RolloutPassRateWeights(rows.rows, pass_rates, wcfg, math.ceil(len(rows) / cfg.train.batch_size), seed)
+        weigher = RolloutPassRateWeights(rows.rows, pass_rates, wcfg, math.ceil(len(rows) / cfg.train.batch_size),
+                                         seed, replay_on_resume=resample)  # fmt: skip
     history = distill_sequences(model, teacher, rows, cfg.train.model_copy(update={"loss": loss}),
                                 folder / "checkpoints", seed, description=name,
                                 callbacks=[weigher] if weigher else None)  # fmt: skip
@@ -387,10 +413,21 @@ def _train_cell(
     if cfg.generate.forgetting is not None:
         metrics["forgetting"] = {"before": initial["forgetting"],
                                  "after": mc_accuracy(model, tok, cfg.generate.forgetting, seed)}  # fmt: skip
+    if cfg.generate.histogram_problems is not None:
+        n = min(cfg.generate.histogram_problems, len(train))
+        after = run_rollouts(model, tok, train[:n], rcfg.model_copy(update={"seed": rcfg.seed + seed}),
+                             folder / "rollouts" / "after", model_id=f"{name} (trained)").pass_rates  # fmt: skip
+        metrics["pass_rate_histogram"] = {"problems": n, "k": rcfg.k, "before": solved_counts(p[:n], rcfg.k),
+                                          "after": solved_counts(after, rcfg.k)}  # fmt: skip
     _keep_model(model, tok, folder / "model")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     return metrics
+
+
+def solved_counts(pass_rates: np.ndarray, k: int) -> list[int]:
+    """How many problems have 0, 1, ..., k of their k rollouts graded correct (the pass-rate histogram)."""
+    return np.bincount(np.rint(np.asarray(pass_rates) * k).astype(int), minlength=k + 1).tolist()
 
 
 def _tokenizer(name: str) -> Any:
@@ -469,5 +506,38 @@ def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[d
             if vals:
                 m, half = mean_ci(vals)
                 lines.append(f"| {loss} | {w} | {m:.3f} ± {half:.3f} | {len(vals)} |")
+    lines += _histogram_lines(out, cfg, results)
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def _histogram_lines(out: Path, cfg: GenerativeRunConfig, results: list[dict[str, Any]]) -> list[str]:
+    """Report lines (and RUN/report/pass_rates.png where matplotlib is there): the pass-rate histograms before and
+    after training, summed over seeds, per (loss, weighting)."""
+    from probekd.report.plots import plot_pass_rate_histograms, plots_available
+
+    hists = [r for r in results if "pass_rate_histogram" in r]
+    if not hists:
+        return []
+    h0 = hists[0]["pass_rate_histogram"]
+    k, n = h0["k"], h0["problems"]
+    before: dict[int, list[int]] = {r["seed"]: r["pass_rate_histogram"]["before"] for r in hists}
+    total_before = np.sum(list(before.values()), axis=0).tolist()
+    after: dict[str, list[int]] = {}
+    for r in hists:
+        key = f"{r['loss']}, {r['weighting']}"
+        after[key] = np.add(after.get(key, [0] * (k + 1)), r["pass_rate_histogram"]["after"]).tolist()
+
+    def mean_rate(counts: list[int]) -> float:
+        return float(np.dot(counts, np.arange(k + 1)) / (k * max(1, sum(counts))))
+
+    lines = ["", f"Pass rates on the first {n} training problems ({k} rollouts each, the same sampling seeds before "
+             f"and after): problems with 0, 1, ..., {k} rollouts correct, summed over seeds.", "",
+             "| student | problems with j correct (j = 0..k) | mean pass rate |", "|---|---|---|",
+             f"| initial | {' '.join(map(str, total_before))} | {mean_rate(total_before):.3f} |"]  # fmt: skip
+    lines += [f"| {key} | {' '.join(map(str, c))} | {mean_rate(c):.3f} |" for key, c in after.items()]
+    if plots_available():
+        plot_pass_rate_histograms(out / "pass_rates.png", k, total_before, after,
+                                  title=f"{cfg.name}: pass rates before and after training")  # fmt: skip
+        lines += ["", "![pass rates before and after](pass_rates.png)"]
+    return lines

@@ -93,19 +93,26 @@ class SequenceRows(Dataset):
         n = len(solutions)
         if not len(student_prompts) == len(teacher_prompts) == n or (weights is not None and len(weights) != n):
             raise ValueError("student prompts, teacher prompts, solutions and weights must have one entry per row")
-        self.rows = []
+        self.tokenizer, self.max_solution_tokens = tokenizer, max_solution_tokens
+        self.prompt_ids = [
+            {side: tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"] for side, prompt in pair}
+            for pair in ((("", s), ("teacher_", t)) for s, t in zip(student_prompts, teacher_prompts, strict=True))
+        ]
+        self.rows = [{"weights": float(weights[i]) if weights is not None else 1.0} for i in range(n)]
         for i in range(n):
-            sol = tokenizer(solutions[i], add_special_tokens=False)["input_ids"][:max_solution_tokens]
-            if not sol:
-                raise ProbekdError(f"row {i}: the solution is empty; nothing to distil")
-            row: dict[str, Any] = {"weights": float(weights[i]) if weights is not None else 1.0}
-            for side, prompt in (("", student_prompts[i]), ("teacher_", teacher_prompts[i])):
-                ids = tokenizer(prompt, add_special_tokens=prompt_special_tokens)["input_ids"]
-                # logits at position t predict token t + 1: the solution's tokens are predicted from P - 1 on
-                row[f"{side}input_ids"] = ids + sol
-                row[f"{side}loss_mask"] = [0] * (len(ids) - 1) + [1] * len(sol) + [0]
-            self.rows.append(row)
+            self.replace_solution(i, solutions[i])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def replace_solution(self, i: int, solution: str) -> None:
+        """Row `i` with another solution after the same prompts (on-policy sources re-sample their solutions)."""
+        sol = self.tokenizer(solution, add_special_tokens=False)["input_ids"][: self.max_solution_tokens]
+        if not sol:
+            raise ProbekdError(f"row {i}: the solution is empty; nothing to distil")
+        row = self.rows[i]
+        for side, ids in self.prompt_ids[i].items():
+            # logits at position t predict token t + 1: the solution's tokens are predicted from P - 1 on
+            row[f"{side}input_ids"] = ids + sol
+            row[f"{side}loss_mask"] = [0] * (len(ids) - 1) + [1] * len(sol) + [0]
 
     def __len__(self) -> int:
         return len(self.rows)

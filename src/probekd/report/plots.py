@@ -144,3 +144,24 @@ def plot_data_efficiency(
     axes[-1, 0].set_xlabel("labelled fraction of the training split")
     fig.suptitle(textwrap.fill(title, 80), fontsize=9)
     _save(fig, path)
+
+
+def plot_pass_rate_histograms(
+    path: Path, k: int, before: list[int], after: dict[str, list[int]], *, title: str
+) -> None:
+    """The share of problems with j of `k` rollouts graded correct (j = 0..k): the initial student's (`before`)
+    and each trained variant's (`after`, by label), as side-by-side bars."""
+    fig = _figure(figsize=(9, 4), dpi=120)
+    ax = fig.subplots()
+    series = {"initial student": before, **after}
+    width = 0.8 / len(series)
+    for n, (label, counts) in enumerate(series.items()):
+        total = max(1, sum(counts))
+        xs = [j + (n - (len(series) - 1) / 2) * width for j in range(k + 1)]
+        ax.bar(xs, [c / total for c in counts], width=width, label=label)
+    ax.set_xticks(range(k + 1), [f"{j}/{k}" for j in range(k + 1)])
+    ax.set_xlabel("pass rate (rollouts graded correct)")
+    ax.set_ylabel("share of problems")
+    _decorate(ax)
+    fig.suptitle(textwrap.fill(title, 80), fontsize=9)
+    _save(fig, path)
