@@ -189,7 +189,8 @@ def test_a_constructed_uniform_student_is_flagged_failed_and_counted(small_run: 
     n_probe = sum(r["failed"] for r in failed if r["signal"] == "probe")
     n_hard = sum(r["failed"] for r in failed if r["signal"] == "hard")
     assert f"(2; {n_probe} failed) |" in text.split("## Student test accuracy")[1].split("\n\n")[1]
-    comparison = next(x for x in text.splitlines() if x.startswith("| 1 | hard labels |"))
+    against = text.split("## Probe-KD against each other signal")[1]
+    comparison = next(x for x in against.splitlines() if x.startswith("| 1 | hard labels |"))
     assert f"| 2 | {n_probe} / {n_hard} |" in comparison
     assert compute_report(run).comparisons[0]["failed_a"] == n_probe
     assert "| 1 | 24 | 12 | 36 |" in text  # the label budget: train + dev
@@ -214,3 +215,17 @@ def test_zero_shot_note_counts_the_students_below_their_untrained_self() -> None
         in zero_shot_note(cells)[0]
     )
     assert zero_shot_note(cells[2:]) == []
+
+
+def test_fidelity_columns_and_table(small_run: Path, tmp_path: Path) -> None:
+    """results.csv has each student's fidelity to the teacher and to the probe, computed from its saved test
+    probabilities, and report.md its table; a student whose test probabilities are the probe's has KL 0 to it."""
+    run = _copy(small_run, tmp_path / "run", kept=True)
+    with np.load(run / "probes" / "test.npz") as z:
+        np.save(run / "students" / "hard-f1-s0" / "test_probs.npy", z["probs"])
+    text = write_report(run).read_text()
+    rows = {r["cell"]: r for r in results_table(run)}
+    assert rows["hard-f1-s0"]["kl_probe"] == pytest.approx(0.0, abs=1e-4)
+    for r in rows.values():
+        assert r["kl_teacher"] is not None and r["kl_teacher"] >= 0 and r["kl_probe"] >= 0
+    assert "## Fidelity to the teacher and to the probe (test)" in text

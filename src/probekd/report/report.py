@@ -43,6 +43,7 @@ LABELS = {
 CELL_COLUMNS = [
     "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_dev", "labels_used", "n_train_rows",
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe",
+    "wrong_fidelity_teacher", "wrong_fidelity_probe", "kl_teacher", "kl_probe",
     "best_dev_accuracy", "zero_shot_accuracy", "dev_chance_upper", "test_entropy", "failed", "failed_reason",
     "target_accuracy", "target_entropy", "mean_pass_rate", "ess_share", "zero_share", "learning_rate", "epochs",
     "warmup_ratio", "weight_decay", "seconds", "kept_model",
@@ -184,6 +185,65 @@ def _add_test_entropy(run: Path, cells: list[dict[str, Any]], mask: np.ndarray) 
         c["test_entropy"] = (
             round(normalized_entropy(probs, mask), 4) if probs is not None and probs.shape == mask.shape else None
         )
+
+
+def _add_fidelity(run: Path, cells: list[dict[str, Any]], test: TeacherCache) -> None:
+    """Each cell's `wrong_fidelity_<ref>` and `kl_<ref>` (`probekd.fidelity`) to the teacher's own answer
+    distribution and to the probe's test probabilities (None without the student's test probabilities or the
+    reference). Its `agreement_<ref>` was recorded when it was trained."""
+    from probekd.fidelity import fidelity, reference_from_scores
+
+    refs = {"teacher": reference_from_scores(test.scores, test.mask)}
+    probe_path = run / "probes" / "test.npz"
+    if probe_path.exists():
+        with np.load(probe_path) as z:
+            if z["probs"].shape == test.mask.shape and list(z["ids"]) == list(test.ids):
+                refs["probe"] = z["probs"]
+    for c in cells:
+        probs = _test_probs(run, c)
+        for name in ("teacher", "probe"):
+            ok = probs is not None and name in refs and probs.shape == test.mask.shape
+            f = fidelity(probs, refs[name], test.answers, test.mask) if ok else {}
+            c[f"wrong_fidelity_{name}"] = _rounded(f.get("wrong_fidelity"))
+            c[f"kl_{name}"] = _rounded(f.get("kl"))
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None or x != x else round(x, 4)
+
+
+def fidelity_table(cells: list[dict[str, Any]]) -> list[str]:
+    """Report lines: per fraction and variant, the students' mean fidelity to the teacher and to the probe on test
+    (agreement, same choice where both are wrong, KL(reference || student)); none known: no lines."""
+    known = [c for c in cells if c.get("kl_teacher") is not None]
+    if not known:
+        return []
+    lines = [
+        "## Fidelity to the teacher and to the probe (test)",
+        "",
+        "Mean over seeds. Agreement: the student's answer is the reference's; both wrong: among the questions both "
+        "get wrong, the share where they choose the same wrong option; KL(reference || student) in nats, the "
+        "teacher's own answer distribution at temperature 1. A student can beat its teacher's accuracy while "
+        "agreeing with it little: what it learned is then not the teacher's judgement (`probekd.fidelity`).",
+        "",
+        "| fraction | variant | teacher: agreement / both wrong / KL | probe: agreement / both wrong / KL | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[float, str], list[dict[str, Any]]] = {}
+    for c in known:
+        groups.setdefault((c["fraction"], c["variant"]), []).append(c)
+
+    def mean(cs: list[dict[str, Any]], key: str) -> str:
+        xs = [c[key] for c in cs if c.get(key) is not None]
+        return f"{np.mean(xs):.3f}" if xs else "-"
+
+    for (f, v), cs in sorted(groups.items(), key=lambda kv: (kv[0][0], _order(kv[0][1]))):
+        per_ref = [
+            " / ".join(mean(cs, f"{k}_{ref}") for k in ("agreement", "wrong_fidelity", "kl"))
+            for ref in ("teacher", "probe")
+        ]
+        lines.append(f"| {f:g} | {label(v)} | {per_ref[0]} | {per_ref[1]} | {len(cs)} |")
+    return [*lines, ""]
 
 
 def failure(cell: Mapping[str, Any], dev_chance: float | None, n_dev: int | None) -> str:
@@ -531,6 +591,7 @@ def _finished_cells(run: Path, test: TeacherCache | None) -> list[dict[str, Any]
     cells = load_cells(run)
     if test is not None:
         _add_test_entropy(run, cells, test.mask)
+        _add_fidelity(run, cells, test)
     dev = _split_cache(run, "dev")
     train = _split_cache(run, "train")
     full_n, full_chance = None, None
@@ -749,6 +810,7 @@ def render_markdown(report: Report) -> str:
     lines += recipe_table(report.run, cells, cfg)
     lines += label_budget_table(cells)
     lines += targets_table(cells)
+    lines += fidelity_table(cells)
     lines += _comparison_table(
         "Probe-KD against each other signal (paired by seed, test accuracy difference)", "against", "Probe-KD",
         [(r, r["b"]) for r in report.comparisons], "Probe-KD", "other",
