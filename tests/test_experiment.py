@@ -7,6 +7,8 @@ import csv
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -587,3 +589,86 @@ def test_the_encoder_head_is_no_difference_for_a_causal_student() -> None:
     assert cell_training(old, cell) == cell_training(load_config(None, base=causal), cell)
     encoder = load_config(None, base={"student": {"head": "cross"}})
     assert cell_training(encoder, cell) != cell_training(load_config(None), cell)
+
+
+# --- one grid on several processes (probekd.workers) ----------------------------------------------------------
+
+
+def test_shards_parse_and_split_the_grid_into_disjoint_parts() -> None:
+    from probekd.layout import Cell
+    from probekd.workers import parse_shard, shard_cells
+
+    assert parse_shard("0/1") == (0, 1) and parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "1/0"):
+        with pytest.raises(ProbekdError, match="--shard wants i/n"):
+            parse_shard(bad)
+    cells = [Cell("probe", 1.0, s) for s in range(7)]
+    parts = [shard_cells(cells, (i, 3)) for i in range(3)]
+    assert [c.seed for c in parts[1]] == [1, 4]
+    assert sorted(c.seed for part in parts for c in part) == list(range(7))
+    assert shard_cells(cells, None) == cells
+
+
+def _hold_lock(path: Path) -> subprocess.Popen[str]:
+    """Another process holding the lock at `path` until it is killed."""
+    code = (
+        f"import time, filelock; lock = filelock.FileLock({str(path)!r}); lock.acquire(); print('held', flush=True); "
+        "time.sleep(600)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_cell_held_by_another_process_is_left_to_it_and_taken_over_when_it_dies(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker passes over a cell another process holds, trains the rest, waits, and finishes the held cell once
+    its holder is killed (the OS drops the lock); a claimed cell cannot be claimed twice."""
+    import threading
+
+    import probekd.workers as workers
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    for name in ("hard-f1-s1", "probe-f1-s1"):
+        shutil.rmtree(copy / "students" / name)
+    holder = _hold_lock(workers.lock_path(copy, "probe-f1-s1"))
+    with workers.claimed(copy, "probe-f1-s1") as mine:
+        assert not mine
+    monkeypatch.setattr(workers, "POLL_SECONDS", 0.2)
+    threading.Timer(2.0, holder.kill).start()  # the "other worker" dies while this one waits
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+    results = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}
+    holder.wait()
+    assert len(results) == 20 and (copy / "students" / "probe-f1-s1" / "metrics.json").is_file()
+    assert results["hard-f1-s1"]["accuracy"] >= 0
+    with workers.claimed(copy, "probe-f1-s1") as mine, workers.claimed(copy, "probe-f1-s1") as again:
+        assert mine and not again
+
+
+def test_two_workers_share_a_grid_and_train_each_cell_once(
+    finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`probekd run --workers 2`: two spawned processes finish the missing cells, each cell trained once (one
+    training log per cell), then the report is written; `--workers` and `--shard` are refused where they mean
+    nothing."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    missing = ["hard-f0.5-s0", "teacher-f0.5-s1", "probe-f1-s0", "smoothed-f1-s1"]
+    for name in missing:
+        shutil.rmtree(copy / "students" / name)
+        (copy / "logs" / f"{name}.jsonl").unlink()
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_llama_dir, tiny_bert_dir)))
+    res = CliRunner().invoke(app, ["run", str(config), "--out", str(copy), "--stage", "students", "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    for name in missing:
+        logs = (copy / "logs" / f"{name}.jsonl").read_text().splitlines()
+        assert sum("train_runtime" in line for line in logs) == 1, name
+        assert (copy / "students" / name / "metrics.json").is_file()
+    assert "report:" in res.output
+    for args, message in ((["--stage", "targets", "--workers", "2"], "--stage targets trains no student"),
+                          (["--shard", "2/2"], "--shard wants i/n"), (["--workers", "0"], "at least 1")):  # fmt: skip
+        res = CliRunner().invoke(app, ["run", str(config), "--out", str(copy), *args])
+        assert res.exit_code != 0 and message in str(res.exception), args

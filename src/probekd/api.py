@@ -49,15 +49,22 @@ def load_config(config: str | Path | dict[str, Any] | None = None, overrides: li
 
 
 def run(
-    config: RunConfig | str | Path | dict[str, Any], out: str | Path, *, stage: str = "all", overwrite: bool = False
+    config: RunConfig | str | Path | dict[str, Any],
+    out: str | Path,
+    *,
+    stage: str = "all",
+    overwrite: bool = False,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) a whole configuration into the run folder `out` and write its report; returns every
-    finished cell's metrics. `stage`: `all`, `targets` (needs the teacher) or `students` (see `probekd run`)."""
+    finished cell's metrics. `stage`: `all`, `targets` (needs the teacher) or `students` (see `probekd run`);
+    `workers` processes share the student grid, or only `shard` (i, n) of it is trained (`probekd.workers`)."""
     from probekd.experiment import run_experiment
     from probekd.report.report import write_report
 
     cfg = config if isinstance(config, RunConfig) else load_config(config)
-    cells = run_experiment(cfg, Path(out), overwrite=overwrite, stage=stage)
+    cells = run_experiment(cfg, Path(out), overwrite=overwrite, stage=stage, workers=workers, shard=shard)
     if stage != "targets":
         write_report(Path(out))
     return cells

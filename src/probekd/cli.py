@@ -288,11 +288,13 @@ def probe(
     _print_probe_summary(run_probes(run, cfg, overwrite=overwrite), run)
 
 
-def _run_and_report(cfg: Any, out: Path, overwrite: bool, stage: str = "all") -> None:
+def _run_and_report(
+    cfg: Any, out: Path, overwrite: bool, stage: str = "all", workers: int = 1, shard: tuple[int, int] | None = None
+) -> None:
     from probekd.experiment import run_experiment
     from probekd.report.report import terminal_table, write_report
 
-    run_experiment(cfg, out, overwrite=overwrite, stage=stage)
+    run_experiment(cfg, out, overwrite=overwrite, stage=stage, workers=workers, shard=shard)
     if stage == "targets":
         typer.echo(f"targets of {len(list((out / 'targets').glob('*-s*.npz')))} grid cells under {out / 'targets'}")
         return
@@ -358,6 +360,20 @@ def run(
             "student). Repeatable."
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Processes that share the student grid on this machine (one GPU each where there are several, "
+            "else an equal share of the CPU cores); each cell is locked while it trains."
+        ),
+    ] = 1,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="i/n: train only cells i, i+n, i+2n, ... of the grid (a job array over machines that share the run "
+            "folder; run `probekd report RUN` when all are done)."
+        ),
+    ] = None,
 ) -> None:
     """Extraction, probes, soft targets, the student grid, evaluation and report; finished stages are skipped.
     A configuration with a `generate:` section is a generative run (free-form task, rollouts, token-level
@@ -365,12 +381,16 @@ def run(
     from probekd.config import is_generative, load_config, read_config_tree, validated
     from probekd.generative.pipeline import GenerativeRunConfig, run_generative
     from probekd.reuse import reuse_run
+    from probekd.workers import parse_shard
 
     run_dir = out or Path("runs") / config.stem
     tree, source = read_config_tree(config, set_)
     if is_generative(tree):
-        if reuse or overwrite or stage != Stage.all:
-            raise ProbekdError("--reuse, --overwrite and --stage apply to multiple-choice runs, not generative ones")
+        if reuse or overwrite or stage != Stage.all or workers != 1 or shard is not None:
+            raise ProbekdError(
+                "--reuse, --overwrite, --stage, --workers and --shard apply to multiple-choice runs, not to generative "
+                "ones"
+            )
         results = run_generative(validated(GenerativeRunConfig, tree, source), run_dir)
         rows = [["cell", "test pass@1", "95% CI", "initial"]]
         for r in results:
@@ -391,7 +411,7 @@ def run(
         typer.echo(
             f"reused from {source}: {len(copied['targets'])} targets files, {len(copied['students'])} finished students"
         )
-    _run_and_report(cfg, run_dir, overwrite, stage.value)
+    _run_and_report(cfg, run_dir, overwrite, stage.value, workers, parse_shard(shard) if shard else None)
 
 
 @app.command("tune")

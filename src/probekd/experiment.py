@@ -50,6 +50,7 @@ from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
 from probekd.tuning import TUNED_FIELDS
+from probekd.workers import held, shard_cells, spawn_workers, work_through
 
 log = logging.getLogger(__name__)
 
@@ -453,16 +454,17 @@ def zero_shot_accuracy(
 
     path = zero_shot_path(run, cell.seed)
     key = fingerprint({"student": cfg.student.model_dump(mode="json"), "k": student.k})
-    saved = dict(np.load(path)) if path.exists() else {}
-    same_ids = all(saved.get(f"{s}_ids", np.array([])).tolist() == caches[s].ids for s in ("dev", "test"))
-    if str(saved.get("key", "")) != key or not same_ids:
-        saved = {"key": np.array(key)}
-        for split in ("dev", "test"):
-            c = caches[split]
-            rows = _rows(student, examples[split], c.ids, c.padded_mask(student.k), c.answers)
-            saved[f"{split}_ids"] = np.array(c.ids)
-            saved[f"{split}_correct"] = predict(student, rows, cfg.train.eval_batch_size).argmax(1) == c.answers
-        write_npz(path, **saved)
+    with held(run, f"zero_shot-s{cell.seed}"):  # another worker may be computing the same seed's file
+        saved = dict(np.load(path)) if path.exists() else {}
+        same_ids = all(saved.get(f"{s}_ids", np.array([])).tolist() == caches[s].ids for s in ("dev", "test"))
+        if str(saved.get("key", "")) != key or not same_ids:
+            saved = {"key": np.array(key)}
+            for split in ("dev", "test"):
+                c = caches[split]
+                rows = _rows(student, examples[split], c.ids, c.padded_mask(student.k), c.answers)
+                saved[f"{split}_ids"] = np.array(c.ids)
+                saved[f"{split}_correct"] = predict(student, rows, cfg.train.eval_batch_size).argmax(1) == c.answers
+            write_npz(path, **saved)
     out: dict[str, float | None] = {}
     for split, ids in (("dev", dev_ids), ("test", None)):
         c = caches[split]
@@ -541,14 +543,29 @@ def prune_kept(run: Path, cfg: RunConfig) -> list[str]:
     return removed
 
 
-def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage: str = "all") -> list[dict[str, Any]]:
-    """The stages of `cfg` into `run`; returns every cell's metrics (finished cells are read, not rerun).
+def run_experiment(
+    cfg: RunConfig,
+    run: Path,
+    *,
+    overwrite: bool = False,
+    stage: str = "all",
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The stages of `cfg` into `run`; returns the metrics of every cell this call covers (finished cells are read,
+    not rerun).
 
     `stage`: `all`; `targets` (what needs the teacher, see `prepare_targets`); `students` (the grid of students from
     those targets: needs only RUN/config.yaml, RUN/probes/ and RUN/targets/, not the teacher or its caches, so it
-    can run on another machine: copy the run directory without `teacher/*/shard-*`)."""
+    can run on another machine: copy the run directory without `teacher/*/shard-*`). The students are trained by
+    `workers` processes sharing the grid, or only shard (i, n) of it (`probekd.workers`): each cell under a lock,
+    so processes on one run folder never train the same cell."""
     if stage not in ("all", "targets", "students"):
         raise ProbekdError(f"unknown stage {stage!r}; known: all, targets, students")
+    if workers < 1:
+        raise ProbekdError(f"--workers must be at least 1, got {workers}")
+    if stage == "targets" and (workers > 1 or shard is not None):
+        raise ProbekdError("--workers and --shard split the student grid; --stage targets trains no student")
     if stage != "students":
         prepare_targets(cfg, run, overwrite=overwrite)
         if stage == "targets":
@@ -557,14 +574,28 @@ def run_experiment(cfg: RunConfig, run: Path, *, overwrite: bool = False, stage:
         raise ProbekdError("--overwrite with --stage students would delete the targets that stage needs")
     else:
         check_run_dir(run, cfg)
+    cells = shard_cells(cfg.cells(), shard)
+    if workers == 1:
+        return train_cells(cfg, run, cells)
+    log.info("%d grid cells on %d worker processes", len(cells), workers)
+    spawn_workers(workers, train_cells, (cfg, run, cells))
+    return [json.loads(metrics_path(run, c.name).read_text()) for c in cells]
+
+
+def train_cells(cfg: RunConfig, run: Path, cells: list[Cell]) -> list[dict[str, Any]]:
+    """Train and evaluate `cells` of a run whose targets are there, each under its claim (`probekd.workers`: a cell
+    another process holds is left to it, or taken over when that process dies); returns their metrics in order."""
     caches = load_answers(run)
     examples = examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
-    cells = cfg.cells()
-    results = []
-    for n, cell in enumerate(cells, 1):
-        log.info("grid cell %d/%d: %s", n, len(cells), cell.name)
-        results.append(run_cell(run, cfg, cell, caches, examples, probe_test))
-        prune_kept(run, cfg)
-    return results
+    position = {c.name: n for n, c in enumerate(cells, 1)}
+
+    def train(cell: Cell) -> dict[str, Any]:
+        log.info("grid cell %d/%d: %s", position[cell.name], len(cells), cell.name)
+        metrics = run_cell(run, cfg, cell, caches, examples, probe_test)
+        with held(run, "prune"):
+            prune_kept(run, cfg)
+        return metrics
+
+    return work_through(run, cells, train)
