@@ -158,3 +158,24 @@ def test_distill_loss_hand_value() -> None:
     assert got.tolist() == pytest.approx([row0, row1], abs=1e-6)
     unlabelled = distill_loss(logits, targets, torch.tensor([-1, -1]), mask, alpha=0.25, temperature=2.0)
     assert unlabelled.tolist() == pytest.approx([0.25 * 4.0 * entropy([0.5, 0.5], q_t), 0.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_every_loss_option_written_in_yaml_reaches_the_loss(name: str) -> None:
+    """Each option a loss takes (`loss_options`), written in a YAML config as its default value, validates and is
+    accepted by the loss (YAML's `30` for an iteration count arrives through a float-valued field as 30.0); the
+    per-example `target_index` of nkd is data, not an option."""
+    import inspect
+
+    import yaml
+
+    from probekd.student.train_config import TrainConfig, loss_parameters
+
+    defaults = {k: inspect.signature(losses.get(name)).parameters[k].default for k in loss_parameters(name)}
+    cfg = TrainConfig.model_validate(yaml.safe_load(yaml.safe_dump({"loss": name, "loss_options": defaults})))
+    logits, p = torch.tensor([[0.3, -1.0, 2.0], [1.0, 0.0, 0.5]]), torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    value = losses.get(name)(logits, p, temperature=2.0, **cfg.loss_options)
+    assert torch.isfinite(value).all() and value.shape == (2,)
+    if name == "nkd":
+        with pytest.raises(ValueError, match="target_index"):
+            TrainConfig(loss="nkd", loss_options={"target_index": 0})

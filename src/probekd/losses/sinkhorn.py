@@ -27,8 +27,9 @@ def sinkhorn(
     regularization `epsilon`, from `iterations` log-domain Sinkhorn updates (differentiated through). With B = 1 the
     value is the total variation between p and q; for B > 1 it is not exactly 0 when q = p (the entropic plan also
     moves mass between different rows), and example i's value depends on the other examples of its batch."""
-    if epsilon <= 0 or iterations < 1:
-        raise ValueError(f"epsilon must be positive and iterations >= 1, got {epsilon}, {iterations}")
+    if epsilon <= 0 or iterations < 1 or iterations != int(iterations):
+        raise ValueError(f"epsilon must be positive and iterations a whole number >= 1, got {epsilon}, {iterations}")
+    iterations = int(iterations)  # a YAML option may arrive as 30.0
     p, log_q, m = prepare(student_logits, target_probs, mask, temperature)
     q = log_q.exp().masked_fill(~m, 0.0)
     b = p.shape[0]

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from probekd import losses
 from probekd.weighting import WeightingConfig
 
-# the arguments every loss takes from the trainer; `loss_options` may set only the others
-_TRAINER_ARGS = {"student_logits", "target_probs", "mask", "temperature"}
+# the arguments every loss takes from the trainer, and the per-example data a loss may take from Python callers
+# (nkd's `target_index`); `loss_options` may set only the others
+_TRAINER_ARGS = {"student_logits", "target_probs", "mask", "temperature", "target_index"}
 
 
 def check_loss(v: str) -> str:
