@@ -195,8 +195,9 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
 @pytest.mark.slow
 def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
     """`--stage targets` where the teacher is; `scripts/bundle_students_stage.sh` packs the run without the
-    teacher's caches, with the student model, unpacked at another path as on a GPU machine;
-    `scripts/students_parallel.sh` trains one process per seed there and writes the report."""
+    teacher's caches, with the student model, unpacked at another path as on a GPU machine; there, `probekd run
+    RUN/config.yaml --stage students --workers 2` (run from the unpacked folder) trains the grid and writes the
+    report."""
     import yaml
 
     cfg = yaml.safe_load(run("demo", "--show-config").stdout)
@@ -215,23 +216,23 @@ def test_stages_on_two_machines(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_p
     bundle = tmp_path / "bundle.tgz"
     packed = subprocess.run(
         [str(scripts / "bundle_students_stage.sh"), str(bundle), str(tiny_bert_dir), str(here)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable},
     )  # fmt: skip
     assert packed.returncode == 0, packed.stderr
     elsewhere = tmp_path / "elsewhere"
     shutil.unpack_archive(bundle, elsewhere)
     there, model = elsewhere / "runs" / "here", elsewhere / "student"
     assert (there / "targets").is_dir() and not (there / "teacher").exists()  # the teacher's caches stay here
-    script = scripts / "students_parallel.sh"
     proc = subprocess.run(
-        [str(script), str(model), f"{path}:{there}"],
-        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300,
+        [sys.executable, "-m", "probekd", "run", "runs/here/config.yaml", "--out", "runs/here", "--stage", "students",
+         "--workers", "2"],
+        capture_output=True, text=True, cwd=elsewhere, timeout=300,
     )  # fmt: skip
-    logs = "".join(p.read_text() for p in there.glob("students-*.log"))
-    assert proc.returncode == 0, proc.stderr + logs
+    assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (there / "students").iterdir()) == [
         "hard-f1-s0", "hard-f1-s1", "probe-f1-s0", "probe-f1-s1",
     ]  # fmt: skip
     assert (there / "report" / "report.md").exists() and not list((there / "teacher").glob("*/shard-*"))
     saved = yaml.safe_load((there / "config.yaml").read_text())
-    assert saved["student"]["model"] == str(model) and saved["grid"]["seeds"] == [0, 1]
+    assert saved["student"]["model"] == "student" and (model / "config.json").is_file()
+    assert saved["grid"]["seeds"] == [0, 1]

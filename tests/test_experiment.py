@@ -484,7 +484,7 @@ def test_shipped_configs_are_valid() -> None:
 def test_split_invocations_record_the_union_and_refuse_another_mode(
     finished_run: Path, tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    """Two processes over parts of one grid (as scripts/cpu_grid.sh runs them) leave a config.yaml that describes
+    """Two processes over parts of one grid (`--set grid.signals=[...]` in each) leave a config.yaml that describes
     the whole directory; a grid mode or teacher temperature other than the recorded one is refused, and so is a
     finished student of another mode found in the folder."""
     copy = tmp_path / "copy"
