@@ -282,3 +282,85 @@ def test_resume_after_kill_equals_uninterrupted(
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     assert not [p for p in killed.iterdir() if "partial" in p.name]
+
+
+# --- every decoder family a user would pick as a teacher (tiny random configs) ----------------------------------
+
+_COMMON = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+)
+FAMILIES = {  # config class, model class, extra config fields
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 8}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"num_key_value_heads": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {"num_key_value_heads": 2}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"num_key_value_heads": 2}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),  # its own field names
+}
+
+
+def _family_teacher(family: str, tok):
+    import transformers
+
+    config_name, model_name, extra = FAMILIES[family]
+    fields = dict(n_embd=32, n_layer=2, n_head=4, n_positions=256) if extra is None else {**_COMMON, **extra}
+    config = getattr(transformers, config_name)(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **fields)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    return extract_module.Teacher(model, tok, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_decoder_family_extracts_what_output_hidden_states_gives(family: str, tiny_tokenizer) -> None:
+    """Layer discovery by structure (`probekd.teacher.layers`): for each family, the letter and option paths give
+    the states transformers' `output_hidden_states` gives (layer 0: the first block's input, with GPT-2's position
+    embeddings and Gemma's scaling) and the teacher's own letter logits and option log-likelihoods."""
+    teacher = _family_teacher(family, tiny_tokenizer)
+    assert teacher.num_layers == 2
+    tpl = PRESETS["base"]
+    exs = examples(3)
+    prompts = [tpl.letter_prompt(e) for e in exs]
+    ids = letter_token_ids(tiny_tokenizer, tpl, 5)
+    hidden, logits = extract_letter_batch(teacher, prompts, [0, 1, 2], ids)
+    for i, p in enumerate(prompts):
+        ref_h, ref_logits = naive_letter_extract(teacher, p, ids)
+        torch.testing.assert_close(hidden[i, :-1], ref_h[:-1], atol=1e-5, rtol=1e-4)  # ref's last is after the norm
+        torch.testing.assert_close(logits[i], ref_logits, atol=1e-5, rtol=1e-4)
+    tokens = [option_tokens(tiny_tokenizer, *tpl.option_texts(e)) for e in exs]
+    got = extract_option_batch(teacher, [p for p, _ in tokens], [c for _, c in tokens], [0, 1])
+    for (pre, conts), (last, _, scores) in zip(tokens, got, strict=True):
+        for j, cid in enumerate(conts):
+            with torch.inference_mode():
+                out = teacher.model(input_ids=torch.tensor([pre + cid]), output_hidden_states=True)
+            ref = torch.stack([out.hidden_states[0][0, -1], out.hidden_states[1][0, -1]])
+            torch.testing.assert_close(last[j], ref, atol=1e-5, rtol=1e-4)
+            logp = torch.log_softmax(out.logits[0].float(), -1)
+            ll = sum(logp[len(pre) - 1 + t, cid[t]].item() for t in range(len(cid))) / len(cid)
+            assert scores[j].item() == pytest.approx(ll, abs=1e-4)
+
+
+def test_a_model_without_recognizable_blocks_is_refused_by_name() -> None:
+    from torch import nn
+
+    from probekd.teacher.layers import decoder_parts
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks_a, self.blocks_b = nn.ModuleList([nn.Linear(2, 2)]), nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(ProbekdError, match=r"cannot find the decoder blocks of Odd: .*blocks_a \(1\), blocks_b \(1\)"):
+        decoder_parts(Odd())
+
+    class NoNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(2, 2)])
+
+    with pytest.raises(ProbekdError, match="cannot find the final norm of NoNorm"):
+        decoder_parts(NoNorm())

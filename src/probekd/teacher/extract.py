@@ -23,6 +23,7 @@ from torch import nn
 
 from probekd.data.prompts import PromptTemplate
 from probekd.errors import ConfigError
+from probekd.teacher.layers import DecoderParts, decoder_parts
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,13 @@ class Teacher:
         return self.model.get_decoder()
 
     @property
+    def parts(self) -> DecoderParts:
+        """Its decoder blocks and final norm, found by structure (`probekd.teacher.layers`)."""
+        return decoder_parts(self.model)
+
+    @property
     def num_layers(self) -> int:
-        return len(self.decoder.layers)
+        return len(self.parts.blocks)
 
     @property
     def hidden_size(self) -> int:
@@ -115,15 +121,16 @@ class _LayerTap:
         self.span: torch.Tensor | None = None  # [B, T] float weights for a mean, or None
         self.out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.norm_out: torch.Tensor | None = None
-        dec = teacher.decoder
-        self.handles = [dec.embed_tokens.register_forward_hook(self._hook(0))]
+        parts = teacher.parts
+        # layer 0: the first block's input (the embeddings plus what the family adds: positions, scaling)
+        self.handles = [parts.blocks[0].register_forward_pre_hook(self._input_hook, with_kwargs=True)]
         self.handles += [
             block.register_forward_hook(self._hook(i + 1))
-            for i, block in enumerate(dec.layers)
+            for i, block in enumerate(parts.blocks)
             if i + 1 <= self.deepest
         ]
         if need_norm:
-            self.handles.append(dec.norm.register_forward_hook(self._norm_hook))
+            self.handles.append(parts.norm.register_forward_hook(self._norm_hook))
 
     def _rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = torch.arange(h.shape[0], device=h.device)
@@ -142,6 +149,9 @@ class _LayerTap:
                 raise _StopForward
 
         return hook
+
+    def _input_hook(self, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._hook(0)(m, args, args[0] if args else kwargs["hidden_states"])
 
     def _norm_hook(self, _m: nn.Module, _inp: Any, output: Any) -> None:
         self.norm_out = output
