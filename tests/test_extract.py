@@ -364,3 +364,31 @@ def test_a_model_without_recognizable_blocks_is_refused_by_name() -> None:
 
     with pytest.raises(ProbekdError, match="cannot find the final norm of NoNorm"):
         decoder_parts(NoNorm())
+
+
+def test_two_ranks_under_torchrun_write_the_cache_one_process_writes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m probekd extract ...` (gloo on CPU): each rank computes every other shard, and
+    the cache is byte for byte the one a single process writes (one thread each, so that the sums run in the same
+    order); the split's summary is written once and counts every shard."""
+    args = ["extract", "--task", "arc_easy", "--teacher", str(tiny_llama_dir), "--splits", "dev", "--limit", "10",
+            "--formulation", "option", "--prompt", "base", "--storage-dtype", "float32",
+            "--shard-size", "3"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "probekd", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "probekd", *args, "--out",
+                          str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    a, b = tmp_path / "one" / "teacher" / "dev", tmp_path / "two" / "teacher" / "dev"
+    shards = sorted(p.name for p in a.glob("shard-*"))
+    assert len(shards) == 4 and shards == sorted(p.name for p in b.glob("shard-*"))
+    for name in [*shards, "manifest.json"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["computed"] == 10
+    # each shard computed once: one progress line per shard over both ranks (rank 0: 0 and 2, rank 1: 1 and 3)
+    assert one.stderr.count("dev: shard") == two.stderr.count("dev: shard") == 4
+    assert "dev: shard 3, 4/4 examples" in two.stderr and "dev: shard 2, 6/6 examples" in two.stderr
+    assert two.stdout.count("teacher acc") == 1  # the table printed by rank 0 only

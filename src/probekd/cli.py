@@ -156,10 +156,13 @@ def extract(
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass (letter).")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace a cache made from other inputs.")] = False,
+    shard_size: Annotated[int, typer.Option(help="Examples per cache shard (the unit of resume and of ranks).")] = 256,
 ) -> None:
-    """Run the frozen teacher once over a task and cache its hidden states (resumable: rerun to finish)."""
+    """Run the frozen teacher once over a task and cache its hidden states (resumable: rerun to finish). Under
+    `torchrun --nproc_per_node N -m probekd extract ...` the N processes share the shards."""
     from pydantic import ValidationError
 
+    from probekd.ranks import ranks
     from probekd.teacher.pipeline import ExtractConfig, extract_task
 
     try:
@@ -171,10 +174,13 @@ def extract(
             compute_dtype=compute_dtype,
             batch_size=batch_size,
             device=device,  # type: ignore[arg-type]
+            shard_size=shard_size,
         )
     except ValidationError as e:
         raise ProbekdError(f"bad option: {e}") from e
     summaries = extract_task(task, teacher, out, splits.split(","), cfg, limit, overwrite)
+    if not ranks().main:
+        return
     rows = [["split", "n", "teacher acc", "ex/s", "cache MB"]]
     for split, s in summaries.items():
         eps = "-" if s["examples_per_s"] is None else f"{s['examples_per_s']:.1f}"
@@ -292,9 +298,12 @@ def _run_and_report(
     cfg: Any, out: Path, overwrite: bool, stage: str = "all", workers: int = 1, shard: tuple[int, int] | None = None
 ) -> None:
     from probekd.experiment import run_experiment
+    from probekd.ranks import ranks
     from probekd.report.report import terminal_table, write_report
 
     run_experiment(cfg, out, overwrite=overwrite, stage=stage, workers=workers, shard=shard)
+    if not ranks().main:  # a launcher's other ranks shared the extraction only
+        return
     if stage == "targets":
         typer.echo(f"targets of {len(list((out / 'targets').glob('*-s*.npz')))} grid cells under {out / 'targets'}")
         return

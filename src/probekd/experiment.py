@@ -46,6 +46,7 @@ from probekd.layout import (
 )
 from probekd.probes.pipeline import load_inputs, run_probes
 from probekd.probes.select import chosen_label
+from probekd.ranks import ranks
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
@@ -245,6 +246,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
         return
     if overwrite or not _test_part_done(run):
         extract_task(cfg.task, cfg.teacher, run, ["train", "dev", "test"], cfg.extract, cfg.limit, overwrite)
+        if not ranks().main:  # under a launcher the ranks share the extraction; rank 0 alone goes on
+            return
         run_probes(run, cfg.probe, overwrite=overwrite)
         caches, _, layer_idx = load_inputs(run, cfg.probe)
         if "test" not in caches:
@@ -253,6 +256,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     else:  # only targets are missing: they need the train and dev caches, not the test one (a third of the work)
         log.info("targets stage: the probes and the teacher's test answers are there; extracting train and dev only")
         extract_task(cfg.task, cfg.teacher, run, ["train", "dev"], cfg.extract, cfg.limit, overwrite)
+        if not ranks().main:
+            return
         caches, _, layer_idx = load_inputs(run, cfg.probe, ("train", "dev"))
         _check_same_answers(run, caches)
     # the probe's targets first: `smoothed` (matched to their entropy) reads those of its own labels
@@ -559,7 +564,8 @@ def run_experiment(
     those targets: needs only RUN/config.yaml, RUN/probes/ and RUN/targets/, not the teacher or its caches, so it
     can run on another machine: copy the run directory without `teacher/*/shard-*`). The students are trained by
     `workers` processes sharing the grid, or only shard (i, n) of it (`probekd.workers`): each cell under a lock,
-    so processes on one run folder never train the same cell."""
+    so processes on one run folder never train the same cell. Under a launcher (`torchrun`), the ranks share the
+    teacher's extraction and rank 0 alone does the rest (the others return an empty list)."""
     if stage not in ("all", "targets", "students"):
         raise ProbekdError(f"unknown stage {stage!r}; known: all, targets, students")
     if workers < 1:
@@ -568,7 +574,7 @@ def run_experiment(
         raise ProbekdError("--workers and --shard split the student grid; --stage targets trains no student")
     if stage != "students":
         prepare_targets(cfg, run, overwrite=overwrite)
-        if stage == "targets":
+        if stage == "targets" or not ranks().main:  # under a launcher, ranks > 0 share the extraction only
             return []
     elif overwrite:
         raise ProbekdError("--overwrite with --stage students would delete the targets that stage needs")

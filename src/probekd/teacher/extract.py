@@ -65,8 +65,10 @@ def load_teacher(folder: str, device: str = "auto", compute_dtype: str = "auto")
     """Load a causal LM and its tokenizer from a local folder, frozen, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # under a launcher, each rank on its own GPU
+        from probekd.ranks import ranks
+
+        device = f"cuda:{ranks().local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if compute_dtype == "auto":
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -164,16 +164,27 @@ def extract_split(
     overwrite: bool = False,
     desc: str = "extract",
 ) -> dict[str, Any]:
-    """Fill (or finish) the cache of one split at `out`; return its summary (teacher accuracy, timings, size)."""
+    """Fill (or finish) the cache of one split at `out`; return its summary (teacher accuracy, timings, size).
+
+    Under a launcher (`torchrun --nproc_per_node N -m probekd extract ...`, `probekd.ranks`) each rank computes
+    every N-th missing shard; rank 0 alone writes what is written once, and all wait for each other before the
+    cache is read whole. The cache is the one a single process writes."""
+    from probekd.ranks import ranks
+
+    r = ranks()
     template = get_template(cfg.prompt, teacher.tokenizer)
     layers = resolve_layers(cfg.layers, teacher.num_layers)
     manifest = _manifest(examples, cfg, template, layers, teacher, model_folder)
-    missing = tcache.open_cache(out, manifest, overwrite=overwrite)
+    if r.main:  # the manifest written (and, with overwrite, stale shards removed) once, before any rank starts
+        missing = tcache.open_cache(out, manifest, overwrite=overwrite)
+    r.barrier()
+    if not r.main:
+        missing = tcache.open_cache(out, manifest, overwrite=False)
     kmax, size = manifest["kmax"], cfg.shard_size
-    todo = sum(len(examples[i * size : (i + 1) * size]) for i in missing)
+    todo = sum(len(examples[i * size : (i + 1) * size]) for i in r.mine(missing))
     t0, done = time.perf_counter(), 0
     with tqdm(total=todo, desc=desc, unit="ex", disable=None) as bar:
-        for i in missing:
+        for i in r.mine(missing):
             exs = examples[i * size : (i + 1) * size]
             if cfg.formulation == "letter":
                 tensors = _letter_shard(teacher, exs, template, layers, kmax, cfg.batch_size, bar)
@@ -190,19 +201,23 @@ def extract_split(
                 log.info(
                     "%s: shard %d, %d/%d examples, %.2f ex/s, %.0f min left", desc, i, done, todo, done / spent, eta
                 )
+    r.barrier()  # every rank's shards are there
     seconds = time.perf_counter() - t0
+    computed = sum(len(examples[i * size : (i + 1) * size]) for i in missing)
     loaded = tcache.load_cache(out, with_hidden=False)
     summary = {
         "n": len(examples),
-        "computed": todo,
+        "computed": computed,
+        "processes": r.world,
         "seconds": round(seconds, 2),
-        "examples_per_s": round(todo / seconds, 2) if todo and seconds > 0 else None,
+        "examples_per_s": round(computed / seconds, 2) if computed and seconds > 0 else None,
         "teacher_accuracy": loaded.teacher_accuracy(),
         "cache_bytes": sum(p.stat().st_size for p in out.glob("shard-*.safetensors")),
         "layers": layers,
         "formulation": cfg.formulation,
     }
-    write_json(out / "summary.json", summary)
+    if r.main:
+        write_json(out / "summary.json", summary)
     return summary
 
 
@@ -235,5 +250,8 @@ def extract_task(
         summaries[split] = extract_split(
             model, folder, examples, out / "teacher" / split, cfg, overwrite=overwrite, desc=f"{split}"
         )
-    write_json(out / "teacher" / "summary.json", {"task": task, "teacher": teacher, "splits": summaries})
+    from probekd.ranks import ranks
+
+    if ranks().main:
+        write_json(out / "teacher" / "summary.json", {"task": task, "teacher": teacher, "splits": summaries})
     return summaries
