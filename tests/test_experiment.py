@@ -672,3 +672,27 @@ def test_two_workers_share_a_grid_and_train_each_cell_once(
                           (["--shard", "2/2"], "--shard wants i/n"), (["--workers", "0"], "at least 1")):  # fmt: skip
         res = CliRunner().invoke(app, ["run", str(config), "--out", str(copy), *args])
         assert res.exit_code != 0 and message in str(res.exception), args
+
+
+def test_selection_axis_labels_other_questions_at_the_same_budget(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`grid.selections: [random, pcoreset]`: a pcoreset cell has its own targets file and name suffix, the same
+    number of labelled rows as the random cell of its fraction (other rows), and the report compares it with the
+    random cell of its signal (variant `probe · pcoreset`)."""
+    grid = {"fractions": [0.25], "seeds": [0], "signals": ["hard", "probe"], "selections": ["random", "pcoreset"]}
+    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir, **grid))
+    assert [c.name for c in cfg.cells()] == ["hard-f0.25-s0", "probe-f0.25-s0", "hard-f0.25-s0-pcoreset",
+                                             "probe-f0.25-s0-pcoreset"]  # fmt: skip
+    run = tmp_path / "sel"
+    results = {r["cell"]: r for r in run_experiment(cfg, run)}
+    assert results["probe-f0.25-s0-pcoreset"]["selection"] == "pcoreset"
+    assert results["probe-f0.25-s0-pcoreset"]["n_labelled"] == results["probe-f0.25-s0"]["n_labelled"] == 10
+    random_ids = set(SoftTargets.load(run / "targets" / "hard-f0.25-s0.npz").ids)
+    chosen_ids = set(SoftTargets.load(run / "targets" / "hard-f0.25-s0-pcoreset.npz").ids)
+    assert len(random_ids) == len(chosen_ids) == 10 and random_ids != chosen_ids
+    write_report(run)
+    report = (run / "report" / "report.md").read_text()
+    assert "Probe-KD · pcoreset" in report
+    rows = list(csv.DictReader((run / "report" / "results.csv").read_text().splitlines()))
+    assert sorted(r["selection"] for r in rows) == ["pcoreset", "pcoreset", "random", "random"]

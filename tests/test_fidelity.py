@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.stats import entropy
 
-from probekd.fidelity import fidelity, reference_from_scores
+from probekd.evaluate import option_softmax
+from probekd.fidelity import fidelity
 
 STUDENT = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
 REFERENCE = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.1, 0.9, 0.0], [0.1, 0.1, 0.8]])
@@ -38,10 +39,10 @@ def test_same_wrong_choice_counts_and_nan_without_shared_errors() -> None:
         fidelity(STUDENT[:, :2], REFERENCE, ANSWERS, MASK)
 
 
-def test_reference_from_scores_is_a_softmax_over_the_valid_options() -> None:
+def test_option_softmax_is_a_softmax_over_the_valid_options() -> None:
     scores = np.array([[1.0, 2.0, 99.0], [0.0, np.log(3.0), 0.0]])
     mask = np.array([[1, 1, 0], [1, 1, 1]], dtype=bool)
-    p = reference_from_scores(scores, mask)
+    p = option_softmax(scores, mask)
     e = np.exp(1.0)
     np.testing.assert_allclose(p, [[1 / (1 + e), e / (1 + e), 0.0], [0.2, 0.6, 0.2]])
 
@@ -51,10 +52,10 @@ def test_a_student_is_fully_faithful_to_itself(logits: np.ndarray, seed: int) ->
     rng = np.random.default_rng(seed)
     mask = np.ones((6, 4), dtype=bool)
     mask[:, 3] = rng.random(6) < 0.5
-    p = reference_from_scores(logits, mask)
+    p = option_softmax(logits, mask)
     answers = rng.integers(0, 3, 6)
     f = fidelity(p, p, answers, mask)
     assert f["agreement"] == 1.0 and f["kl"] == pytest.approx(0.0, abs=1e-9)
     assert f["wrong_fidelity"] == 1.0 or np.isnan(f["wrong_fidelity"])
-    other = reference_from_scores(logits[::-1].copy(), mask[::-1].copy())
+    other = option_softmax(logits[::-1].copy(), mask[::-1].copy())
     assert fidelity(p, other, answers, mask)["kl"] >= -1e-12  # a KL is never negative

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from probekd.errors import ConfigError
 from probekd.layout import Cell
 from probekd.probes.pipeline import ProbeConfig
+from probekd.selection import Selection
 from probekd.student.heads import StudentConfig, recorded_student
 from probekd.student.train_config import TrainConfig, check_loss, check_loss_options
 from probekd.targets import SIGNALS
@@ -35,6 +36,7 @@ class CellPattern(BaseModel):
     seed: int | None = None
     loss: str | None = None
     weighting: Scheme | None = None
+    selection: Selection | None = None
 
     @field_validator("signal")
     @classmethod
@@ -51,7 +53,9 @@ class CellPattern(BaseModel):
     @model_validator(mode="after")
     def _names_an_axis(self) -> CellPattern:
         if not self.model_dump(exclude_none=True):
-            raise ValueError("an exclude entry names at least one of signal, fraction, seed, loss, weighting")
+            raise ValueError(
+                "an exclude entry names at least one of signal, fraction, seed, loss, weighting, selection"
+            )
         return self
 
     def matches(self, cell: Cell) -> bool:
@@ -94,6 +98,11 @@ class GridConfig(BaseModel):
     )
     weightings: list[Scheme] | None = Field(
         None, description="Weighting axis (none, paced, hard_filter); default: train.weighting.scheme alone."
+    )
+    selections: list[Selection] | None = Field(
+        None,
+        description="Which training questions are labelled at each fraction (`probekd.selection`): `random` (the "
+        "seed's order) and/or `pcoreset` (coverage of the teacher's answer distributions); default: [random].",
     )
 
     keep_students: Literal["all", "best", "none"] = Field(
@@ -212,9 +221,10 @@ class RunConfig(BaseModel):
         """Every grid cell: the product of the grid's axes less `grid.exclude`."""
         g = self.grid
         cells = [
-            Cell(s, f, seed, loss, w)
+            Cell(s, f, seed, loss, w, sel)
             for f in g.fractions
             for seed in g.seeds
+            for sel in (g.selections or ["random"])
             for s in g.signals
             for loss in (g.losses or [self.train.loss])
             for w in (g.weightings or [self.train.weighting.scheme])

@@ -35,6 +35,15 @@ def expected_calibration_error(probs: np.ndarray, answers: np.ndarray, n_bins: i
     return float(ece)
 
 
+def option_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Probabilities [N, K] from answer scores [N, K]: softmax over each row's valid options (0 elsewhere), e.g.
+    the teacher's own answer distribution at temperature 1 from its cached scores."""
+    z = np.where(mask, scores, -np.inf)
+    z = z - z.max(1, keepdims=True)
+    e = np.where(mask, np.exp(z), 0.0)
+    return e / e.sum(1, keepdims=True)
+
+
 def normalized_entropy(probs: np.ndarray, mask: np.ndarray) -> float:
     """Mean over questions of the prediction's entropy divided by ln K (K = that question's options): 1 for a uniform
     guess, 0 for certainty. A student near 1 barely moved from uniform (under-trained or collapsed), however its

@@ -31,7 +31,7 @@ from probekd.config import GridConfig, RunConfig, dump_config, recorded_config
 from probekd.data.examples import MCQExample
 from probekd.data.prompts import PromptTemplate
 from probekd.errors import ProbekdError
-from probekd.evaluate import classification_metrics
+from probekd.evaluate import classification_metrics, option_softmax
 from probekd.layout import (
     Cell,
     answers_path,
@@ -47,6 +47,7 @@ from probekd.layout import (
 from probekd.probes.pipeline import load_inputs, run_probes
 from probekd.probes.select import chosen_label
 from probekd.ranks import ranks
+from probekd.selection import pcoreset_subset
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
 from probekd.teacher.cache import TeacherCache, differing_fields, fingerprint
@@ -153,9 +154,9 @@ def check_run_dir(run: Path, cfg: RunConfig, overwrite: bool = False) -> None:
 def _with_grid_union(cfg: RunConfig, old: RunConfig) -> RunConfig:
     """`cfg` with each grid axis extended by the values `old` had and `cfg` lacks (old ones first), and the
     `exclude` entries that name no cell of the other invocation."""
-    defaults = {"losses": [cfg.train.loss], "weightings": [cfg.train.weighting.scheme]}
+    defaults = {"losses": [cfg.train.loss], "weightings": [cfg.train.weighting.scheme], "selections": ["random"]}
     merged: dict[str, Any] = {}
-    for axis in ("fractions", "seeds", "signals", "losses", "weightings"):
+    for axis in ("fractions", "seeds", "signals", "losses", "weightings", "selections"):
         a, b = getattr(old.grid, axis), getattr(cfg.grid, axis)
         if a is None and b is None:
             continue
@@ -189,8 +190,12 @@ def _within_labelled(c: TeacherCache, pick: Callable[[list[str]], np.ndarray]) -
     return keep
 
 
-def _labelled(train: TeacherCache, fraction: float, seed: int) -> np.ndarray:
-    """The training rows whose gold label a cell may use: the nested subset of the labelled rows."""
+def _labelled(train: TeacherCache, fraction: float, seed: int, selection: str = "random") -> np.ndarray:
+    """The training rows whose gold label a cell may use: the nested subset of the labelled rows, drawn at random
+    from the seed or chosen by `selection` (`probekd.selection`; from the teacher's answers, never the labels)."""
+    if selection == "pcoreset":
+        probs = option_softmax(train.scores, train.mask)[train.answers >= 0]
+        return _within_labelled(train, lambda ids: pcoreset_subset(ids, probs, fraction, seed))
     return _within_labelled(train, lambda ids: labelled_subset(ids, fraction, seed))
 
 
@@ -238,7 +243,8 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     from probekd.teacher.pipeline import extract_task
 
     check_run_dir(run, cfg, overwrite)
-    cells = list(dict.fromkeys(Cell(c.signal, c.fraction, c.seed) for c in cfg.cells()))  # targets: no loss axis
+    # targets: no loss or weighting axis
+    cells = list(dict.fromkeys(Cell(c.signal, c.fraction, c.seed, selection=c.selection) for c in cfg.cells()))
     names = [c.targets_name for c in cells]
     if not overwrite and _student_inputs_there(run) and all(targets_path(run, n).exists() for n in names):
         # the teacher and its caches are not needed (a fresh clone of a committed run has neither)
@@ -266,7 +272,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     for n, cell in enumerate(cells, 1):
         signal, fraction, seed, name = cell.signal, cell.fraction, cell.seed, cell.targets_name
         path = targets_path(run, name)
-        labelled = _labelled(caches["train"], fraction, seed)
+        labelled = _labelled(caches["train"], fraction, seed, cell.selection)
         dev_rows = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
         # e.g. every seed at fraction 1 labels the same rows
         key = (signal, np.packbits(labelled).tobytes(), np.packbits(dev_rows).tobytes())
@@ -281,7 +287,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
             continue
         log.info("targets %d/%d: %s", n, len(cells), name)
         t0 = time.perf_counter()
-        probe_path = targets_path(run, Cell("probe", fraction, seed).targets_name)
+        probe_path = targets_path(run, Cell("probe", fraction, seed, selection=cell.selection).targets_name)
         made = signal_targets(
             signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature,
             dev_labelled=dev_rows, smoothing=cfg.grid.smoothing,
@@ -347,6 +353,7 @@ def run_cell(
             "seed": seed,
             "loss": loss,
             "weighting": weighting,
+            "selection": cell.selection,
             "weights": [h["weighting"] for h in history if "weighting" in h],
             "mode": cfg.grid.mode,
             "n_train_rows": len(train_rows),
@@ -397,7 +404,7 @@ def prepare_cell(
     signal, fraction, seed = cell.signal, cell.fraction, cell.seed
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
-    labelled = _labelled(train, fraction, seed)
+    labelled = _labelled(train, fraction, seed, cell.selection)
     path = targets_path(run, cell.targets_name)
     if not path.exists():
         raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")

@@ -20,14 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def reference_from_scores(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Probabilities [N, K] from answer scores: softmax over each row's valid options (0 elsewhere)."""
-    z = np.where(mask, scores, -np.inf)
-    z = z - z.max(1, keepdims=True)
-    e = np.where(mask, np.exp(z), 0.0)
-    return e / e.sum(1, keepdims=True)
-
-
 def fidelity(student: np.ndarray, reference: np.ndarray, answers: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     """`agreement`, `wrong_fidelity` and `kl` of `student` [N, K] to `reference` [N, K] on the rows with a gold
     answer (`answers` >= 0); `mask` [N, K] marks each row's valid options."""

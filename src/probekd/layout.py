@@ -36,18 +36,19 @@ SPLITS = ("train", "dev", "test")
 @dataclass(frozen=True, order=True)
 class Cell:
     """One grid cell: the student trained on `signal`'s targets from `fraction` of the labels with `seed`, under
-    `loss` and `weighting`."""
+    `loss` and `weighting`, the labelled questions chosen by `selection` (`probekd.selection`)."""
 
     signal: str
     fraction: float
     seed: int
     loss: str = "fkl"
     weighting: str = "none"
+    selection: str = "random"
 
     @property
     def name(self) -> str:
-        """`probe-f0.25-s1`; a loss or weighting other than the default adds a suffix
-        (`probe-f0.25-s1-fkl_then_rkl-paced`)."""
+        """`probe-f0.25-s1`; a labelled-question selection other than `random`, and a loss or weighting other than
+        the default, add suffixes (`probe-f0.25-s1-pcoreset-fkl_then_rkl-paced`)."""
         name = self.targets_name
         if (self.loss, self.weighting) != ("fkl", "none"):
             name += f"-{self.loss.replace('>', '_then_')}-{self.weighting}"
@@ -55,13 +56,16 @@ class Cell:
 
     @property
     def targets_name(self) -> str:
-        """The name of the cell's targets file: targets depend on the signal, fraction and seed alone."""
-        return f"{self.signal}-f{self.fraction:g}-s{self.seed}"
+        """The name of the cell's targets file: targets depend on the signal, fraction, seed and selection alone."""
+        base = f"{self.signal}-f{self.fraction:g}-s{self.seed}"
+        return base if self.selection == "random" else f"{base}-{self.selection}"
 
 
-def cell_name(signal: str, fraction: float, seed: int, loss: str = "fkl", weighting: str = "none") -> str:
+def cell_name(
+    signal: str, fraction: float, seed: int, loss: str = "fkl", weighting: str = "none", selection: str = "random"
+) -> str:
     """`Cell(...).name` without building the cell."""
-    return Cell(signal, fraction, seed, loss, weighting).name
+    return Cell(signal, fraction, seed, loss, weighting, selection).name
 
 
 def config_path(run: Path) -> Path:

@@ -41,9 +41,9 @@ LABELS = {
     "probe": "Probe-KD",
 }
 CELL_COLUMNS = [
-    "signal", "loss", "weighting", "fraction", "seed", "mode", "n_labelled", "n_dev", "labels_used", "n_train_rows",
-    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher", "agreement_probe",
-    "wrong_fidelity_teacher", "wrong_fidelity_probe", "kl_teacher", "kl_probe",
+    "signal", "loss", "weighting", "selection", "fraction", "seed", "mode", "n_labelled", "n_dev", "labels_used",
+    "n_train_rows", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "ece", "nll", "agreement_teacher",
+    "agreement_probe", "wrong_fidelity_teacher", "wrong_fidelity_probe", "kl_teacher", "kl_probe",
     "best_dev_accuracy", "zero_shot_accuracy", "dev_chance_upper", "test_entropy", "failed", "failed_reason",
     "target_accuracy", "target_entropy", "mean_pass_rate", "ess_share", "zero_share", "learning_rate", "epochs",
     "warmup_ratio", "weight_decay", "seconds", "kept_model",
@@ -97,7 +97,8 @@ def _order(variant: str) -> tuple[int, str]:
 
 def load_cells(run: Path) -> list[dict[str, Any]]:
     """Every finished cell's metrics under RUN/students/, each with its `variant`: the signal, plus the loss and
-    weighting (`probe · fkl>rkl · paced`) when they are not the default forward KL, unweighted."""
+    weighting (`probe · fkl>rkl · paced`) when they are not the default forward KL, unweighted, plus the selection
+    of its labelled questions when it is not random (`probe · pcoreset`, `probe · akl · none · pcoreset`)."""
     cells = []
     for path in sorted((run / "students").glob("*/metrics.json")):
         try:
@@ -106,8 +107,11 @@ def load_cells(run: Path) -> list[dict[str, Any]]:
             raise ProbekdError(f"{path} is not valid JSON ({e}); delete it to rerun that cell") from e
         c.setdefault("cell", path.parent.name)
         loss, weighting = c.setdefault("loss", "fkl"), c.setdefault("weighting", "none")
+        selection = c.setdefault("selection", "random")
         default = (loss, weighting) == ("fkl", "none")
         c["variant"] = c["signal"] if default else f"{c['signal']} · {loss} · {weighting}"
+        if selection != "random":
+            c["variant"] += f" · {selection}"
         for key in WEIGHT_STATS if c.get("weights") else ():
             c[key] = float(np.mean([w[key] for w in c["weights"]]))
         cells.append(c)
@@ -191,9 +195,10 @@ def _add_fidelity(run: Path, cells: list[dict[str, Any]], test: TeacherCache) ->
     """Each cell's `wrong_fidelity_<ref>` and `kl_<ref>` (`probekd.fidelity`) to the teacher's own answer
     distribution and to the probe's test probabilities (None without the student's test probabilities or the
     reference). Its `agreement_<ref>` was recorded when it was trained."""
-    from probekd.fidelity import fidelity, reference_from_scores
+    from probekd.evaluate import option_softmax
+    from probekd.fidelity import fidelity
 
-    refs = {"teacher": reference_from_scores(test.scores, test.mask)}
+    refs = {"teacher": option_softmax(test.scores, test.mask)}
     probe_path = run / "probes" / "test.npz"
     if probe_path.exists():
         with np.load(probe_path) as z:
@@ -523,7 +528,7 @@ def _target_stats(run: Path, cell: dict[str, Any], train: TeacherCache | None, s
     from probekd.layout import Cell, targets_path
     from probekd.targets import SoftTargets, labelled_subset, target_stats
 
-    name = Cell(cell["signal"], cell["fraction"], cell["seed"]).targets_name
+    name = Cell(cell["signal"], cell["fraction"], cell["seed"], selection=cell.get("selection", "random")).targets_name
     if name not in seen:
         seen[name] = {}
         path = targets_path(run, name)
