@@ -20,7 +20,6 @@ Pruning kept students (`grid.keep_students: best`) and the per-seed zero-shot fi
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -95,16 +94,17 @@ def shard_cells(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
 def work_through(
     run: Path, cells: list[Cell], train: Callable[[Cell], dict[str, Any]], *, poll: float | None = None
 ) -> list[dict[str, Any]]:
-    """Every cell's metrics, training (`train(cell)`) each unfinished one under its claim. Cells held by another
-    process are passed over and looked at again every `poll` seconds until they are finished (by their holder) or
-    free (their holder died: this process resumes them)."""
+    """Every cell's metrics, training (`train(cell)`) each unfinished one under its claim; `train` of a finished
+    cell returns its metrics at once (after its own checks) and needs no claim. Cells held by another process are
+    passed over and looked at again every `poll` seconds until they are finished (by their holder) or free (their
+    holder died: this process resumes them)."""
     done: dict[str, dict[str, Any]] = {}
     pending = list(cells)
     while pending:
         waiting = []
         for cell in pending:
             if metrics_path(run, cell.name).exists():
-                done[cell.name] = json.loads(metrics_path(run, cell.name).read_text())
+                done[cell.name] = train(cell)
                 continue
             with claimed(run, cell.name) as mine:
                 if not mine:
