@@ -686,3 +686,34 @@ def test_on_policy_run_trains_on_own_rollouts_and_histograms_pass_rates(tiny_lla
         assert (run / "report" / "pass_rates.png").stat().st_size > 0 and "pass_rates.png" in report
     with pytest.raises(ValidationError, match="alpha > 0"):
         GenerativeRunConfig.model_validate({**tree, "train": {"alpha": 0.0}})
+
+
+def test_unweighted_losses_and_comparison_verdicts_by_hand() -> None:
+    """`grid.unweighted_losses` keeps a baseline loss out of the weighted cells; the report compares each weighting
+    with the unweighted student of its loss and each loss with the first one, with the verdict rule."""
+    from pydantic import ValidationError
+
+    from probekd.generative.pipeline import GenerativeRunConfig, comparison_lines
+
+    grid = {"seeds": [0, 1], "losses": ["fkl", "akl"], "weightings": ["none", "paced", "hard_filter"]}
+    cfg = GenerativeRunConfig.model_validate({"grid": {**grid, "unweighted_losses": ["akl"]}})
+    assert [c for c in cfg.cells() if c[0] == 0] == [(0, "fkl", "none"), (0, "fkl", "paced"),
+                                                     (0, "fkl", "hard_filter"), (0, "akl", "none")]  # fmt: skip
+    with pytest.raises(ValidationError, match=r"unweighted_losses \['js'\] are not in grid.losses"):
+        GenerativeRunConfig.model_validate({"grid": {"losses": ["fkl"], "unweighted_losses": ["js"]}})
+
+    def cell(loss: str, w: str, seed: int, correct: list[int]) -> dict:
+        return {"loss": loss, "weighting": w, "seed": seed,
+                "test": {"pass_at_1": sum(correct) / len(correct), "correct": correct}}  # fmt: skip
+
+    right, wrong, half = [1] * 10, [0] * 10, [1, 0] * 5
+    results = [cell("fkl", "none", s, half) for s in (0, 1)]
+    results += [cell("fkl", "paced", s, right) for s in (0, 1)]  # always right: wins
+    results += [cell("fkl", "hard_filter", 0, right), cell("fkl", "hard_filter", 1, wrong)]  # seeds disagree: tie
+    results += [cell("akl", "none", s, wrong) for s in (0, 1)]  # always wrong: loses
+    lines = {line.split(" | ")[0]: line for line in comparison_lines(cfg, results) if line.startswith("| ")}
+    # paced: +0.5 in both seeds; per problem +1 or 0 (the unweighted student gets every other one right)
+    paced = r"\| fkl, none \| \+0\.500 ± 0\.000 \| \[\+0\.\d+, \+0\.\d+\] \| 2 \| wins \|$"
+    assert re.search(paced, lines["| fkl, paced"])
+    assert "| 2 | ties (an interval includes 0) |" in lines["| fkl, hard_filter"]
+    assert re.search(r"\| -0\.500 ± 0\.000 \| \[-0\.\d+, -0\.\d+\] \| 2 \| loses \|$", lines["| akl, none"])

@@ -133,6 +133,9 @@ class GenerativeGrid(BaseModel):
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="Seeds: LoRA init, data order, rollouts.")
     losses: list[str] = Field(["fkl"], min_length=1, description="Token divergences, or `first>second` schedules.")
     weightings: list[Scheme] = Field(["none", "paced"], min_length=1, description="none, paced or hard_filter.")
+    unweighted_losses: list[str] = Field(
+        [], description="Losses of `losses` trained unweighted only: baselines such as akl, not crossed with PACED."
+    )
 
     @field_validator("losses")
     @classmethod
@@ -140,6 +143,15 @@ class GenerativeGrid(BaseModel):
         for loss in v:
             SequenceTrainConfig(loss=loss)
         return v
+
+    @model_validator(mode="after")
+    def _unweighted_are_losses(self) -> GenerativeGrid:
+        stray = [x for x in self.unweighted_losses if x not in self.losses]
+        if stray:
+            raise ValueError(f"grid.unweighted_losses {stray} are not in grid.losses {self.losses}")
+        if self.unweighted_losses and "none" not in self.weightings:
+            raise ValueError("grid.unweighted_losses needs `none` in grid.weightings")
+        return self
 
 
 class GenerativeRunConfig(BaseModel):
@@ -182,7 +194,10 @@ class GenerativeRunConfig(BaseModel):
         return self
 
     def cells(self) -> list[tuple[int, str, str]]:
-        return [(s, loss, w) for s in self.grid.seeds for loss in self.grid.losses for w in self.grid.weightings]
+        """Every (seed, loss, weighting) to train; a loss of `grid.unweighted_losses` only with `none`."""
+        g = self.grid
+        return [(s, loss, w) for s in g.seeds for loss in g.losses for w in g.weightings
+                if w == "none" or loss not in g.unweighted_losses]  # fmt: skip
 
 
 def cell_name(seed: int, loss: str, weighting: str, source: str) -> str:
@@ -506,9 +521,43 @@ def write_generative_report(run: Path, cfg: GenerativeRunConfig, results: list[d
             if vals:
                 m, half = mean_ci(vals)
                 lines.append(f"| {loss} | {w} | {m:.3f} ± {half:.3f} | {len(vals)} |")
+    lines += comparison_lines(cfg, results)
     lines += _histogram_lines(out, cfg, results)
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def comparison_lines(cfg: GenerativeRunConfig, results: list[dict[str, Any]]) -> list[str]:
+    """Report lines: each weighting against the unweighted student of its loss, and each loss (unweighted) against
+    the first loss of the grid (unweighted), test pass@1 paired by seed: the mean difference with a t-interval over
+    seeds and a paired bootstrap over test problems of the seed-averaged correctness, and the verdict (the
+    multiple-choice report's rule: every available interval must exclude 0)."""
+    from probekd.evaluate import bootstrap_ci, mean_ci
+    from probekd.report.report import verdict
+
+    by = {(r["loss"], r["weighting"], r["seed"]): r for r in results if "skipped" not in r}
+    first = cfg.grid.losses[0]
+    pairs = [((loss, w), (loss, "none")) for loss in cfg.grid.losses for w in cfg.grid.weightings if w != "none"]
+    pairs += [((loss, "none"), (first, "none")) for loss in cfg.grid.losses[1:]]
+    rows = []
+    for a, b in pairs:
+        seeds = sorted(s for s in cfg.grid.seeds if (*a, s) in by and (*b, s) in by)
+        if not seeds:
+            continue
+        diffs = [by[(*a, s)]["test"]["pass_at_1"] - by[(*b, s)]["test"]["pass_at_1"] for s in seeds]
+        mean, half = mean_ci(diffs)
+        per = np.mean([np.subtract(by[(*a, s)]["test"]["correct"], by[(*b, s)]["test"]["correct"]) for s in seeds], 0)
+        _, lo, hi = bootstrap_ci(per)
+        intervals = ([(mean - half, mean + half)] if half == half else []) + [(lo, hi)]
+        t = f" ± {half:.3f}" if half == half else ""
+        rows.append(f"| {a[0]}, {a[1]} | {b[0]}, {b[1]} | {mean:+.3f}{t} | [{lo:+.3f}, {hi:+.3f}] | {len(seeds)} | "
+                    f"{verdict(intervals)} |")  # fmt: skip
+    if not rows:
+        return []
+    head = ("Comparisons, test pass@1 paired by seed (difference ± 95% t-interval over seeds; paired bootstrap "
+            "over test problems of the seed-averaged correctness):")  # fmt: skip
+    return ["", head, "", "| student | against | difference | bootstrap | seeds | verdict |",
+            "|---|---|---|---|---|---|", *rows]  # fmt: skip
 
 
 def _histogram_lines(out: Path, cfg: GenerativeRunConfig, results: list[dict[str, Any]]) -> list[str]:
