@@ -392,3 +392,23 @@ def test_two_ranks_under_torchrun_write_the_cache_one_process_writes(tiny_llama_
     assert one.stderr.count("dev: shard") == two.stderr.count("dev: shard") == 4
     assert "dev: shard 3, 4/4 examples" in two.stderr and "dev: shard 2, 6/6 examples" in two.stderr
     assert two.stdout.count("teacher acc") == 1  # the table printed by rank 0 only
+
+
+def test_a_teacher_loaded_with_device_map_auto_extracts_the_same(teacher, tiny_llama_dir: Path) -> None:
+    """`extract.device_map: auto` (accelerate's big-model loading; here every layer lands on the CPU) gives the same
+    states and answers as the teacher moved to one device, and a `max_memory` budget is accepted."""
+    spread = load_teacher(str(tiny_llama_dir), "cpu", device_map="auto", max_memory={"cpu": "2GiB"})
+    assert spread.device.type == "cpu"
+    tpl = PRESETS["base"]
+    exs = examples(4)
+    ids = letter_token_ids(teacher.tokenizer, tpl, 5)
+    prompts = [tpl.letter_prompt(e) for e in exs]
+    for a, b in zip(extract_letter_batch(teacher, prompts, [0, 1, 2], ids),
+                    extract_letter_batch(spread, prompts, [0, 1, 2], ids), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+    tokens = [option_tokens(teacher.tokenizer, *tpl.option_texts(e)) for e in exs]
+    one = extract_option_batch(teacher, [p for p, _ in tokens], [c for _, c in tokens], [0, 2])
+    two = extract_option_batch(spread, [p for p, _ in tokens], [c for _, c in tokens], [0, 2])
+    for x, y in zip(one, two, strict=True):
+        for a, b in zip(x, y, strict=True):
+            torch.testing.assert_close(a, b)

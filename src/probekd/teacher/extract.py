@@ -61,8 +61,17 @@ class Teacher:
         return int(self.model.config.get_text_config().hidden_size)
 
 
-def load_teacher(folder: str, device: str = "auto", compute_dtype: str = "auto") -> Teacher:
-    """Load a causal LM and its tokenizer from a local folder, frozen, in eval mode."""
+def load_teacher(
+    folder: str,
+    device: str = "auto",
+    compute_dtype: str = "auto",
+    *,
+    device_map: str | None = None,
+    max_memory: dict[str, str] | None = None,
+) -> Teacher:
+    """Load a causal LM and its tokenizer from a local folder, frozen, in eval mode: on `device`, or with
+    `device_map="auto"` spread over the available devices by accelerate (within `max_memory` per device), for a
+    teacher larger than one; inputs then go to the device of its embeddings, and hidden states are gathered there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device == "auto":  # under a launcher, each rank on its own GPU
@@ -75,8 +84,15 @@ def load_teacher(folder: str, device: str = "auto", compute_dtype: str = "auto")
     else:
         dtype = getattr(torch, compute_dtype)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev).eval()
-    model.requires_grad_(False)
+    if device_map is not None:
+        if compute_dtype == "auto" and torch.cuda.is_available():
+            dtype = torch.bfloat16
+        memory = {int(k) if str(k).isdigit() else k: v for k, v in (max_memory or {}).items()} or None
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device_map, max_memory=memory)
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(dev)
+    model.eval().requires_grad_(False)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return Teacher(model, tok, dev)
@@ -117,6 +133,7 @@ class _LayerTap:
 
     def __init__(self, teacher: Teacher, layers: list[int], need_norm: bool) -> None:
         self.layers = layers
+        self.device = teacher.device
         self.deepest = max(layers)
         self.need_norm = need_norm
         self.gather: torch.Tensor | None = None  # [B] positions
@@ -135,6 +152,8 @@ class _LayerTap:
             self.handles.append(parts.norm.register_forward_hook(self._norm_hook))
 
     def _rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # a teacher spread over devices (device_map) has layers elsewhere: rows are gathered on the inputs' device
+        h = h.to(self.device)
         idx = torch.arange(h.shape[0], device=h.device)
         last = h[idx, self.gather].float()
         mean = None
@@ -156,7 +175,7 @@ class _LayerTap:
         self._hook(0)(m, args, args[0] if args else kwargs["hidden_states"])
 
     def _norm_hook(self, _m: nn.Module, _inp: Any, output: Any) -> None:
-        self.norm_out = output
+        self.norm_out = output.to(self.device)
 
     def remove(self) -> None:
         for h in self.handles:
@@ -171,7 +190,7 @@ class _LayerTap:
 
 def _output_rows(teacher: Teacher, token_ids: list[int] | None = None) -> torch.Tensor:
     w = teacher.model.get_output_embeddings().weight
-    return (w if token_ids is None else w[token_ids]).float()
+    return (w if token_ids is None else w[token_ids]).to(teacher.device).float()
 
 
 def _softcap(teacher: Teacher, logits: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,15 @@ class ExtractConfig(BaseModel):
         "auto", description="dtype of the forward pass: auto = float32 on CPU, bfloat16 on CUDA."
     )
     device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="`auto`: a teacher larger than one device, its layers spread over the GPUs (and CPU) by "
+        "accelerate's big-model loading, within `max_memory`; `device` is then ignored. null: one device.",
+    )
+    max_memory: dict[str, str] | None = Field(
+        None,
+        description="With device_map auto: the memory each device may hold, e.g. {0: 70GiB, 1: 70GiB, cpu: 200GiB}.",
+    )
     batch_size: int = Field(
         16, ge=1, description="Prompts per forward pass (`letter`); questions, each with its K options (`option`)."
     )
@@ -242,7 +251,8 @@ def extract_task(
         raise ProbekdError(f"task {task!r} has no split(s) {unknown}; it has {list(loaded.splits)}")
     folder = prepare(teacher)
     log.info("loading teacher %s from %s", teacher, folder)
-    model = load_teacher(str(folder), cfg.device, cfg.compute_dtype)
+    model = load_teacher(str(folder), cfg.device, cfg.compute_dtype, device_map=cfg.device_map,
+                         max_memory=cfg.max_memory)  # fmt: skip
     summaries = {}
     for split in splits:
         n = limit.get(split) if isinstance(limit, dict) else limit
