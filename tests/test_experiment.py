@@ -693,6 +693,15 @@ def test_selection_axis_labels_other_questions_at_the_same_budget(
     assert len(random_ids) == len(chosen_ids) == 10 and random_ids != chosen_ids
     write_report(run)
     report = (run / "report" / "report.md").read_text()
-    assert "Probe-KD · pcoreset" in report
+    selection = report.split("## Label selection against random")[1].split("\n## ")[0]
+    assert "| 0.25 | Probe-KD · pcoreset |" in selection and "| 0.25 | hard labels · pcoreset |" in selection
+    assert "## Losses and weightings" not in report  # no loss or weighting variant: no such table
+    targets = report.split("## Targets on train")[1].split("\n## ")[0]
+    assert "Probe-KD · pcoreset" in targets  # its own targets, not the random cell's
+    # keep_students: best prunes within a selection, never across (the random twin does not take its place)
+    from probekd.experiment import prune_kept
+
+    best = cfg.model_copy(update={"grid": cfg.grid.model_copy(update={"keep_students": "best"})})
+    assert prune_kept(run, best) == []  # one seed per (signal, fraction, loss, weighting, selection)
     rows = list(csv.DictReader((run / "report" / "results.csv").read_text().splitlines()))
     assert sorted(r["selection"] for r in rows) == ["pcoreset", "pcoreset", "random", "random"]

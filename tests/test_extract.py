@@ -412,3 +412,35 @@ def test_a_teacher_loaded_with_device_map_auto_extracts_the_same(teacher, tiny_l
     for x, y in zip(one, two, strict=True):
         for a, b in zip(x, y, strict=True):
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_probekd_run_under_torchrun_shares_the_extraction_then_trains_as_one_process(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nproc_per_node 2 -m probekd run CONFIG`: both ranks extract, then rank 0 alone (out of the
+    process group, launcher variables gone) fits the probes and trains the grid; `--stage students` under a
+    launcher is refused."""
+    import yaml
+
+    cfg = {"name": "tiny", "task": "arc_easy", "teacher": str(tiny_llama_dir),
+           "limit": {"train": 24, "dev": 12, "test": 12},
+           "extract": {"formulation": "option", "prompt": "base", "storage_dtype": "float32", "shard_size": 5},
+           "probe": {"l2_grid": [0.1], "max_iter": 20, "layers": [1, 2], "n_folds": 3},
+           "student": {"model": str(tiny_bert_dir), "max_length": 48}, "train": {"epochs": 1, "batch_size": 8},
+           "grid": {"fractions": [1.0], "seeds": [0], "signals": ["hard", "probe"]}}  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = str(Path(sys.executable).with_name("torchrun"))
+    torchrun = [launcher, "--standalone", "--nproc_per_node", "2", "-m", "probekd"]
+    out = tmp_path / "run"
+    proc = subprocess.run([*torchrun, "run", str(path), "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "students").iterdir()) == ["hard-f1-s0", "probe-f1-s0"]
+    assert (out / "report" / "report.md").is_file()
+    assert json.loads((out / "teacher" / "train" / "summary.json").read_text())["processes"] == 2
+    again = subprocess.run([*torchrun, "run", str(path), "--out", str(out), "--stage", "students"],
+                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert again.returncode != 0 and "--workers N" in again.stderr

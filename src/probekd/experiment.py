@@ -46,7 +46,7 @@ from probekd.layout import (
 )
 from probekd.probes.pipeline import load_inputs, run_probes
 from probekd.probes.select import chosen_label
-from probekd.ranks import ranks
+from probekd.ranks import leave, ranks
 from probekd.selection import pcoreset_subset
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
@@ -536,16 +536,16 @@ def kept_manifest(
 
 def prune_kept(run: Path, cfg: RunConfig) -> list[str]:
     """Under `grid.keep_students: best`, remove the kept folders of every finished cell but the best of its
-    (signal, fraction, loss, weighting): the highest best dev accuracy, ties to the lower seed (never test).
-    Returns the cells whose folder was removed."""
+    (signal, fraction, loss, weighting, selection): the highest best dev accuracy, ties to the lower seed (never
+    test). Returns the cells whose folder was removed."""
     if cfg.grid.keep_students != "best":
         return []
-    groups: dict[tuple[str, float, str, str], list[tuple[float, int, str]]] = {}
+    groups: dict[tuple[str, float, str, str, str], list[tuple[float, int, str]]] = {}
     for c in cfg.cells():
         path = metrics_path(run, c.name)
         if path.exists() and model_dir(run, c.name).is_dir():
             dev = json.loads(path.read_text()).get("best_dev_accuracy")
-            key = (c.signal, c.fraction, c.loss, c.weighting)
+            key = (c.signal, c.fraction, c.loss, c.weighting, c.selection)
             groups.setdefault(key, []).append((-(dev if dev is not None else -1.0), c.seed, c.name))
     removed = []
     for members in groups.values():
@@ -579,14 +579,26 @@ def run_experiment(
         raise ProbekdError(f"--workers must be at least 1, got {workers}")
     if stage == "targets" and (workers > 1 or shard is not None):
         raise ProbekdError("--workers and --shard split the student grid; --stage targets trains no student")
+    r = ranks()
+    if r.world > 1 and stage == "students":
+        raise ProbekdError("under a launcher (torchrun) only the teacher's extraction is shared between ranks; train "
+                           "the students with `probekd run ... --stage students --workers N` instead")  # fmt: skip
     if stage != "students":
-        prepare_targets(cfg, run, overwrite=overwrite)
-        if stage == "targets" or not ranks().main:  # under a launcher, ranks > 0 share the extraction only
+        # concurrent --shard jobs: one does the targets stage, the others then find it done (a launcher's ranks
+        # share it instead, meeting at barriers: no lock there)
+        with held(run, "targets") if r.world == 1 else contextlib.nullcontext():
+            prepare_targets(cfg, run, overwrite=overwrite)
+        if r.world > 1:  # under a launcher the ranks shared the extraction; rank 0 alone goes on, as one process
+            if not r.main:
+                return []
+            leave()
+        if stage == "targets":
             return []
     elif overwrite:
         raise ProbekdError("--overwrite with --stage students would delete the targets that stage needs")
     else:
-        check_run_dir(run, cfg)
+        with held(run, "targets"):
+            check_run_dir(run, cfg)
     cells = shard_cells(cfg.cells(), shard)
     if workers == 1:
         return train_cells(cfg, run, cells)

@@ -84,6 +84,18 @@ class Comparison(TypedDict):
     failed_b: int  # and of `b`
 
 
+def has_selection(variant: str) -> bool:
+    """Whether a variant name carries a label selection (`probe · pcoreset`, `probe · akl · none · pcoreset`)."""
+    return len(variant.split(" · ")) in (2, 4)
+
+
+def twin(variant: str) -> str:
+    """What a variant is compared with: a selection variant with the random one of the same signal, loss and
+    weighting; a loss / weighting variant with its signal's default student."""
+    parts = variant.split(" · ")
+    return " · ".join(parts[:-1]) if has_selection(variant) else parts[0]
+
+
 def label(variant: str) -> str:
     """A variant's name in tables: the signal's label, then the loss and weighting when not the default."""
     signal, _, rest = variant.partition(" · ")
@@ -323,9 +335,11 @@ def targets_table(cells: list[dict[str, Any]]) -> list[str]:
     """Report lines: per signal and fraction, the mean over seeds of the targets' accuracy (argmax against the gold
     option) and mean normalized entropy on the labelled training rows (none known: no lines)."""
     per: dict[tuple[str, float, int], dict[str, Any]] = {}
-    for c in cells:  # the variants of one cell share its targets
+    for c in cells:  # the loss / weighting variants of one cell share its targets; a selection has its own
         if c.get("target_accuracy") is not None:
-            per.setdefault((c["signal"], c["fraction"], c["seed"]), c)
+            selection = c.get("selection", "random")
+            signal = c["signal"] if selection == "random" else f"{c['signal']} · {selection}"
+            per.setdefault((signal, c["fraction"], c["seed"]), c)
     if not per:
         return []
     signals = sorted({s for s, _, _ in per}, key=_order)
@@ -655,13 +669,14 @@ def compute_report(run: Path) -> Report:
         for r in [compare(cells, "probe", other, f, run, answers)]
         if r is not None
     ]
-    # each loss / weighting variant against the default (forward KL, unweighted) student of its signal
+    # each loss / weighting variant against the default (forward KL, unweighted) student of its signal, and each
+    # selection variant against its random twin (same signal, loss and weighting)
     variant_comparisons = [
         r
         for f in fractions
         for v in variants
         if " · " in v
-        for r in [compare(cells, v, v.partition(" · ")[0], f, run, answers)]
+        for r in [compare(cells, v, twin(v), f, run, answers)]
         if r is not None
     ]
     if cfg.get("train"):
@@ -822,7 +837,12 @@ def render_markdown(report: Report) -> str:
     )  # fmt: skip
     lines += _comparison_table(
         "Losses and weightings against forward KL, unweighted (same signal, paired by seed)", "variant", "variant",
-        [(r, r["a"]) for r in report.variant_comparisons], "variant", "default",
+        [(r, r["a"]) for r in report.variant_comparisons if not has_selection(r["a"])], "variant", "default",
+    )  # fmt: skip
+    lines += _comparison_table(
+        "Label selection against random (same signal, loss and weighting; same number of labels; paired by seed)",
+        "variant", "variant", [(r, r["a"]) for r in report.variant_comparisons if has_selection(r["a"])],
+        "selection", "random",
     )  # fmt: skip
     lines += weights_table(cells, report.chance)
     lines += [

@@ -187,8 +187,9 @@ def extract_split(
     if r.main:  # the manifest written (and, with overwrite, stale shards removed) once, before any rank starts
         missing = tcache.open_cache(out, manifest, overwrite=overwrite)
     r.barrier()
-    if not r.main:
-        missing = tcache.open_cache(out, manifest, overwrite=False)
+    if not r.main:  # the same list as rank 0's: read before any rank writes a shard (the second barrier)
+        missing = [i for i in range(manifest["n_shards"]) if not tcache.shard_path(out, i).exists()]
+    r.barrier()
     kmax, size = manifest["kmax"], cfg.shard_size
     todo = sum(len(examples[i * size : (i + 1) * size]) for i in r.mine(missing))
     t0, done = time.perf_counter(), 0
