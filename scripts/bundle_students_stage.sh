@@ -9,9 +9,11 @@
 # On the other machine, in the folder where OUT.tgz is unpacked (the model lands in ./student, each run under
 # ./runs/NAME), one process per GPU:
 #   probekd run runs/NAME/config.yaml --out runs/NAME --stage students --workers N
-# The teacher's shards are never packed.
+# The teacher's shards are never packed. PYTHON (default python3) must import PyYAML. Copying the trained students
+# back into the original run folder: they were made with `student.model: student`, so run that folder's grid with
+# the packed config.yaml, or with --set student.model=... where the model now is.
 set -eu
-[ $# -ge 3 ] || { sed -n 2,12p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,15p "$0"; exit 2; }
 out=$1
 model=$2
 shift 2

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -637,11 +638,18 @@ def test_a_cell_held_by_another_process_is_left_to_it_and_taken_over_when_it_die
     with workers.claimed(copy, "probe-f1-s1") as mine:
         assert not mine
     monkeypatch.setattr(workers, "POLL_SECONDS", 0.2)
-    threading.Timer(2.0, holder.kill).start()  # the "other worker" dies while this one waits
+    killed_at: list[float] = []
+
+    def kill() -> None:  # the "other worker" dies while this one waits
+        killed_at.append(time.time())
+        holder.kill()
+
+    threading.Timer(2.0, kill).start()
     cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
     results = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}
     holder.wait()
-    assert len(results) == 20 and (copy / "students" / "probe-f1-s1" / "metrics.json").is_file()
+    held_metrics = copy / "students" / "probe-f1-s1" / "metrics.json"
+    assert len(results) == 20 and held_metrics.stat().st_mtime > killed_at[0]  # trained only once it was free
     assert results["hard-f1-s1"]["accuracy"] >= 0
     with workers.claimed(copy, "probe-f1-s1") as mine, workers.claimed(copy, "probe-f1-s1") as again:
         assert mine and not again

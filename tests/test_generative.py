@@ -625,8 +625,8 @@ def test_a_replaced_solution_is_the_row_built_with_it(tiny_tokenizer) -> None:
 
 
 def test_a_resumed_on_policy_run_puts_the_last_refresh_solutions_back(tiny_tokenizer, tmp_path: Path) -> None:
-    """On resume the weights come from the checkpoint; with `replay_on_resume` the last refresh's rollouts (read
-    from their cache) are put back into the rows too, and nothing is asked for the steps before it."""
+    """On resume the weights come from the checkpoint; with `replay_on_resume` every refresh's rollouts (read from
+    their cache) are put back into the rows in order, as an uninterrupted run left them."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -644,44 +644,61 @@ def test_a_resumed_on_policy_run_puts_the_last_refresh_solutions_back(tiny_token
         rows.replace_solution(0, f"#### {step}\n")
         return np.array([0.5, 0.5])
 
-    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint = tmp_path / "checkpoint-7"
     checkpoint.mkdir()
-    stats = [{"step": 0, "mean_pass_rate": 0.5}, {"step": 3, "mean_pass_rate": 0.5}]
+    stats = [{"step": s, "mean_pass_rate": 0.5} for s in (0, 3, 6)]
     write_json(checkpoint / WEIGHTS_FILE, {"weights": [1.5, 0.5], "stats": stats})
     model = SimpleNamespace(training=True, train=lambda mode=True: None, eval=lambda: None)
-    for replay, expected in ((False, []), (True, [3])):
+    for replay, expected in ((False, []), (True, [3, 6])):
         asked.clear()
         cb = RolloutPassRateWeights(rows.rows, pass_rates, WeightingConfig(scheme="paced", refresh_epochs=1), 3, 0,
                                     replay_on_resume=replay)  # fmt: skip
         cb.resume_from = str(checkpoint)
-        cb.on_train_begin(None, SimpleNamespace(global_step=4), None, model=model)
+        cb.on_train_begin(None, SimpleNamespace(global_step=7), None, model=model)
         assert asked == expected
         assert [r["weights"] for r in rows.rows] == [1.5, 0.5]  # the checkpoint's weights, not recomputed ones
-    assert tiny_tokenizer.decode(rows[0]["input_ids"]).endswith("#### 3\n")
+    assert tiny_tokenizer.decode(rows[0]["input_ids"]).endswith("#### 6\n")  # the last refresh's, applied last
 
 
-def test_on_policy_run_trains_on_own_rollouts_and_histograms_pass_rates(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_on_policy_run_trains_on_own_rollouts_and_histograms_pass_rates(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`source: on_policy`: the initial student's rollouts are the solutions (all six problems have one), refreshed
     after epoch 1; the pass-rate histogram before training is the fixed rollouts' (2, 1, 0, 1, 1, 0 of 2 right)."""
     from pydantic import ValidationError
 
     from probekd.generative.pipeline import GenerativeRunConfig, run_generative
+    from probekd.generative.seq_train import SequenceRows
     from probekd.report.plots import plots_available
 
     tree, cfg, run = _tiny_generative_run(
         tiny_llama_dir, tmp_path, {"epochs": 2, "weighting": {"refresh_epochs": 1}},
         {"source": "on_policy", "forgetting": None}, ["none"],
     )  # fmt: skip
+    replaced: list[tuple[int, str]] = []
+    original = SequenceRows.replace_solution
+
+    def spy(self: SequenceRows, i: int, solution: str) -> None:
+        replaced.append((i, solution))
+        original(self, i, solution)
+
+    monkeypatch.setattr(SequenceRows, "replace_solution", spy)
     (metrics,) = run_generative(cfg, run)
     assert metrics["cell"] == "on_policy-fkl-none-s0" and metrics["trained_problems"] == 6
     assert [st["step"] for st in metrics["weighting_stats"]] == [0, 3]
     assert metrics["weighting_stats"][0]["ess_share"] == pytest.approx(1.0)  # unweighted: all weights 1
     folder = run / "students" / metrics["cell"]
     assert (folder / "rollouts" / "step-3" / "summary.json").is_file()
+    # the first 6 calls build the rows from the initial rollouts; then each non-empty first rollout of the refresh
+    # at step 3 replaces its own problem's solution
+    assert [i for i, _ in replaced[:6]] == list(range(6))
+    refreshed = load_rollouts(folder / "rollouts" / "step-3")
+    expected = [(j, rs[0].text) for j, rs in enumerate(refreshed.rollouts) if rs[0].text.strip()]
+    assert replaced[6:] == expected
     hist = metrics["pass_rate_histogram"]
     assert hist["problems"] == 6 and hist["k"] == 2 and hist["before"] == [2, 3, 1] and sum(hist["after"]) == 6
     report = (run / "report" / "report.md").read_text()
-    assert "| initial | 2 3 1 | 0.417 |" in report and "| fkl, none |" in report
+    assert re.search(r"\| fkl, none \| 2 3 1 \| \d+ \d+ \d+ \| 0\.417 -> \d\.\d{3} \|", report)
     if plots_available():
         assert (run / "report" / "pass_rates.png").stat().st_size > 0 and "pass_rates.png" in report
     with pytest.raises(ValidationError, match="alpha > 0"):
@@ -717,3 +734,20 @@ def test_unweighted_losses_and_comparison_verdicts_by_hand() -> None:
     assert re.search(paced, lines["| fkl, paced"])
     assert "| 2 | ties (an interval includes 0) |" in lines["| fkl, hard_filter"]
     assert re.search(r"\| -0\.500 ± 0\.000 \| \[-0\.\d+, -0\.\d+\] \| 2 \| loses \|$", lines["| akl, none"])
+
+
+def test_a_generative_run_folder_from_before_a_new_field_resumes(tmp_path: Path) -> None:
+    """A recorded config.yaml that lacks a field added since (its default holds) is no difference; a changed
+    setting is refused naming the field."""
+    import yaml
+
+    from probekd.generative.pipeline import GenerativeRunConfig, _check_run_dir
+
+    cfg = GenerativeRunConfig()
+    old = cfg.model_dump(mode="json")
+    del old["generate"]["histogram_problems"]  # as written before the field existed
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    _check_run_dir(tmp_path, cfg)
+    other = GenerativeRunConfig.model_validate({"generate": {"rollouts": {"k": 4}}})
+    with pytest.raises(ProbekdError, match=r"differs in: generate\.rollouts"):
+        _check_run_dir(tmp_path, other)

@@ -57,9 +57,10 @@ def run(
     workers: int = 1,
     shard: tuple[int, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) a whole configuration into the run folder `out` and write its report; returns every
-    finished cell's metrics. `stage`: `all`, `targets` (needs the teacher) or `students` (see `probekd run`);
-    `workers` processes share the student grid, or only `shard` (i, n) of it is trained (`probekd.workers`)."""
+    """Run (or resume) a whole configuration into the run folder `out` and write its report; returns the metrics
+    of every cell this call covers (all of the grid, or the cells of `shard`). `stage`: `all`, `targets` (needs
+    the teacher) or `students` (see `probekd run`); `workers` processes share the student grid, or only `shard`
+    (i, n) of it is trained (`probekd.workers`)."""
     from probekd.experiment import run_experiment
     from probekd.report.report import write_report
 

@@ -190,6 +190,11 @@ def _within_labelled(c: TeacherCache, pick: Callable[[list[str]], np.ndarray]) -
     return keep
 
 
+def _ids_sha(ids: list[str], keep: np.ndarray) -> str:
+    """A fingerprint of the ids of the rows `keep` marks (which questions a cell labels)."""
+    return fingerprint({"ids": [i for i, k in zip(ids, keep, strict=True) if k]})
+
+
 def _labelled(train: TeacherCache, fraction: float, seed: int, selection: str = "random") -> np.ndarray:
     """The training rows whose gold label a cell may use: the nested subset of the labelled rows, drawn at random
     from the seed or chosen by `selection` (`probekd.selection`; from the teacher's answers, never the labels)."""
@@ -294,6 +299,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
             probe_targets=SoftTargets.load(probe_path) if signal == "smoothed" and probe_path.exists() else None,
         )["train"]  # fmt: skip
         made.meta["n_labelled"] = int(labelled.sum())
+        made.meta["labelled_sha256"] = _ids_sha(caches["train"].ids, labelled)
         made.meta["n_dev"] = int(dev_rows.sum())  # the dev labels that chose its layer, temperature, calibration
         made.meta["seconds"] = round(time.perf_counter() - t0, 2)
         made.save(path)
@@ -414,6 +420,10 @@ def prepare_cell(
             f"{path} was made from {targets.meta.get('n_labelled')} labelled rows, this cell has "
             f"{int(labelled.sum())}; redo the targets stage with --overwrite"
         )
+    # the same rows, not only as many (a selection from re-extracted teacher scores could differ); older files lack it
+    if targets.meta.get("labelled_sha256", _ids_sha(train.ids, labelled)) != _ids_sha(train.ids, labelled):
+        raise ProbekdError(f"{path} was made from other labelled questions than this cell's {cell.selection} selection "
+                           "gives; redo the targets stage with --overwrite")  # fmt: skip
     dev_rows_used = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
     n_dev = int(dev_rows_used.sum())
     made_dev = targets.meta.get("n_dev", int((caches["dev"].answers >= 0).sum()))  # older files: the full dev
@@ -521,6 +531,7 @@ def kept_manifest(
         seed=cell.seed,
         loss=cell.loss,
         weighting=cell.weighting,
+        selection=cell.selection,
         n_labelled=metrics["n_labelled"],
         n_dev=n_dev,
         metrics=KeptMetrics(

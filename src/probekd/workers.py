@@ -5,8 +5,9 @@ Every grid cell is trained under a claim: an exclusive lock on RUN/locks/<cell>.
 ends, so a killed worker's cell is free again at once and the next worker that comes to it resumes it from its last
 checkpoint; no stale-lock timeouts are needed. A cell whose metrics.json is there is finished and never claimed.
 
-- `--workers N` (`run_grid(..., workers=N)`): N processes on this machine share the grid. Each takes the next cell
-  nobody holds, and when only held cells are left it waits for them (polling) and takes over any whose holder died.
+- `--workers N` (`probekd.experiment.run_experiment(..., workers=N)`): N processes on this machine share the grid.
+  Each takes the next cell nobody holds, and when only held cells are left it waits for them (polling) and takes
+  over any whose holder died.
   On a machine with several GPUs, worker k sees GPU k mod (number of GPUs); on CPU each worker gets an equal share
   of the cores as torch threads.
 - `--shard i/n` (`shard_cells`): this process's share of the grid (cells i, i + n, i + 2n, ... in grid order), for
@@ -14,6 +15,7 @@ checkpoint; no stale-lock timeouts are needed. A cell whose metrics.json is ther
   the locks still keep two processes given the same shard, or a shard and `--workers`, apart.
 
 Even a single `probekd run` claims its cells, so two runs started by hand on one folder never train the same cell.
+On a shared filesystem the locks need working POSIX locks (NFSv4 has them; Lustre needs the `flock` mount option).
 Pruning kept students (`grid.keep_students: best`) and the per-seed zero-shot file are guarded by locks of their own.
 """
 

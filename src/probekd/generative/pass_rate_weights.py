@@ -36,8 +36,8 @@ class RolloutPassRateWeights(PassRateWeights):
     or never) leave the previous ones in force, with a warning.
 
     `pass_rates` may also change the rows' solutions (an on-policy source trains on the rollouts it samples); with
-    `replay_on_resume`, a resumed run calls it again for the last refresh before the checkpoint (whose rollouts are
-    cached, so nothing is sampled) so that the rows hold that refresh's solutions again."""
+    `replay_on_resume`, a resumed run calls it again for every refresh before the checkpoint, in order (their
+    rollouts are cached, so nothing is sampled), so that the rows hold the solutions an uninterrupted run would."""
 
     def __init__(
         self,
@@ -55,9 +55,10 @@ class RolloutPassRateWeights(PassRateWeights):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         super().on_train_begin(args, state, control, model=model, **kw)
-        last = self.stats[-1]["step"] if self.stats else 0
-        if self.replay_on_resume and state.global_step > 0 and last > 0:
-            self.weights_at(model, last)  # the cached rollouts of that refresh put back into the rows
+        if self.replay_on_resume and state.global_step > 0:
+            for st in self.stats:  # each refresh's cached rollouts put back into the rows, as they came
+                if st["step"] > 0:
+                    self.weights_at(model, st["step"])
 
     def weights_at(self, model: Any, step: int) -> tuple[np.ndarray, np.ndarray]:
         was_training = model.training

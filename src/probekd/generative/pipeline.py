@@ -27,6 +27,7 @@ multiple-choice task (option likelihoods) before and after, in metrics.json and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -40,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probekd.atomic import atomic_path, write_json, write_text
 from probekd.errors import ProbekdError
@@ -212,7 +213,17 @@ def _check_run_dir(run: Path, cfg: GenerativeRunConfig) -> None:
     fields = cfg.model_dump(mode="json")
     if path.exists():
         old = yaml.safe_load(path.read_text())
-        diff = [f for f in differing_fields(old, fields) if f not in ("grid", "name")]
+        # fields added to the schema since (with their defaults) are no difference: the old config is read through
+        # the schema first (as written when it no longer validates)
+        with contextlib.suppress(ValidationError):
+            old = GenerativeRunConfig.model_validate(old).model_dump(mode="json")
+        diff = []
+        for section in sorted(set(old) | set(fields)):
+            a, b = old.get(section), fields.get(section)
+            if section in ("grid", "name") or a == b:
+                continue
+            both = isinstance(a, dict) and isinstance(b, dict)
+            diff += [f"{section}.{k}" for k in differing_fields(a, b)] if both else [section]
         if diff:
             raise ProbekdError(f"{run} was made with other settings (differs in: {', '.join(diff)}); use another --out")
     write_text(path, yaml.safe_dump(fields, sort_keys=False))
@@ -561,8 +572,8 @@ def comparison_lines(cfg: GenerativeRunConfig, results: list[dict[str, Any]]) ->
 
 
 def _histogram_lines(out: Path, cfg: GenerativeRunConfig, results: list[dict[str, Any]]) -> list[str]:
-    """Report lines (and RUN/report/pass_rates.png where matplotlib is there): the pass-rate histograms before and
-    after training, summed over seeds, per (loss, weighting)."""
+    """Report lines (and RUN/report/pass_rates.png where matplotlib is there): per (loss, weighting), the pass-rate
+    histograms of its students before and after training, each summed over the same seeds."""
     from probekd.report.plots import plot_pass_rate_histograms, plots_available
 
     hists = [r for r in results if "pass_rate_histogram" in r]
@@ -570,23 +581,27 @@ def _histogram_lines(out: Path, cfg: GenerativeRunConfig, results: list[dict[str
         return []
     h0 = hists[0]["pass_rate_histogram"]
     k, n = h0["k"], h0["problems"]
-    before: dict[int, list[int]] = {r["seed"]: r["pass_rate_histogram"]["before"] for r in hists}
-    total_before = np.sum(list(before.values()), axis=0).tolist()
+    before: dict[str, list[int]] = {}
     after: dict[str, list[int]] = {}
     for r in hists:
-        key = f"{r['loss']}, {r['weighting']}"
-        after[key] = np.add(after.get(key, [0] * (k + 1)), r["pass_rate_histogram"]["after"]).tolist()
+        key, h = f"{r['loss']}, {r['weighting']}", r["pass_rate_histogram"]
+        before[key] = np.add(before.get(key, [0] * (k + 1)), h["before"]).tolist()
+        after[key] = np.add(after.get(key, [0] * (k + 1)), h["after"]).tolist()
 
     def mean_rate(counts: list[int]) -> float:
         return float(np.dot(counts, np.arange(k + 1)) / (k * max(1, sum(counts))))
 
-    lines = ["", f"Pass rates on the first {n} training problems ({k} rollouts each, the same sampling seeds before "
-             f"and after): problems with 0, 1, ..., {k} rollouts correct, summed over seeds.", "",
-             "| student | problems with j correct (j = 0..k) | mean pass rate |", "|---|---|---|",
-             f"| initial | {' '.join(map(str, total_before))} | {mean_rate(total_before):.3f} |"]  # fmt: skip
-    lines += [f"| {key} | {' '.join(map(str, c))} | {mean_rate(c):.3f} |" for key, c in after.items()]
+    head = (
+        f"Pass rates on the first {n} training problems ({k} rollouts each, drawn with the initial rollouts' "
+        f"sampling seed): problems with 0, 1, ..., {k} rollouts correct, summed over each variant's seeds."
+    )
+    lines = ["", head, "", "| student | before (j = 0..k) | after | mean pass rate before -> after |",
+             "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {key} | {' '.join(map(str, before[key]))} | {' '.join(map(str, c))} | "
+              f"{mean_rate(before[key]):.3f} -> {mean_rate(c):.3f} |" for key, c in after.items()]  # fmt: skip
     if plots_available():
-        plot_pass_rate_histograms(out / "pass_rates.png", k, total_before, after,
+        initial = {r["seed"]: r["pass_rate_histogram"]["before"] for r in hists}  # one per seed
+        plot_pass_rate_histograms(out / "pass_rates.png", k, np.sum(list(initial.values()), axis=0).tolist(), after,
                                   title=f"{cfg.name}: pass rates before and after training")  # fmt: skip
         lines += ["", "![pass rates before and after](pass_rates.png)"]
     return lines

@@ -66,6 +66,7 @@ class KeptManifest(BaseModel):
     seed: int | None = None
     loss: str = "fkl"
     weighting: str = "none"
+    selection: str = Field("random", description="How its labelled training questions were chosen (random, pcoreset).")
     n_labelled: int | None = Field(None, description="Labelled training questions it used.")
     n_dev: int | None = Field(None, description="Labelled dev questions used for choosing its epoch.")
     metrics: KeptMetrics = Field(default_factory=KeptMetrics)  # type: ignore[arg-type]
@@ -204,6 +205,8 @@ def model_card(m: KeptManifest) -> str:
         "Probe-KD)",
     }.get(m.signal, f"the `{m.signal}` targets")
     weighting = "" if m.weighting == "none" else f", examples weighted by `{m.weighting}`"
+    if m.selection != "random":
+        weighting += f", its labelled questions chosen by `{m.selection}`"
     lines = [
         "---",
         "library_name: transformers",

@@ -4,9 +4,9 @@ Extraction reads the residual stream at every layer: layer 0 is the input of the
 embeddings after whatever the family adds to them: GPT-2's position embeddings, Gemma's sqrt(hidden) scaling), layer
 i the output of block i; the teacher's own answer needs the final norm. Families name these parts differently
 (Llama, Qwen2/3, Gemma2/3, Mistral, Phi-3, OLMo: `layers` and `norm`; GPT-2: `h` and `ln_f`; GPT-NeoX: `layers` and
-`final_layer_norm`), so they are found by structure instead of by name: the blocks are the `nn.ModuleList` child of
-the decoder with `num_hidden_layers` entries, the norm the decoder's child that runs after the last block (one of
-the known names). transformers records hidden states through private per-class tables; this module reads only the
+`final_layer_norm`), so the blocks are found by structure instead of by name: the `nn.ModuleList` child of the
+decoder with `num_hidden_layers` entries; the final norm is the decoder's child of one of the known names
+(`NORM_NAMES`). transformers records hidden states through private per-class tables; this module reads only the
 public module tree.
 """
 
