@@ -10,6 +10,7 @@
     RUN/students/<cell>/model/             the kept student: a standard Hugging Face folder (`probekd.student.kept`)
     RUN/logs/<cell>.jsonl                  the trainer's per-step logs of that student
     RUN/zero_shot/s<seed>.npz              the untrained student's dev and test probabilities (per seed)
+    RUN/locks/<cell>.lock                  a cell's claim while a process trains it (`probekd.workers`)
     RUN/report/                            `probekd report`
 
 The experiment, the report, reuse and export all read paths from here, never from each other.
