@@ -195,7 +195,7 @@ def _ids_sha(ids: list[str], keep: np.ndarray) -> str:
     return fingerprint({"ids": [i for i, k in zip(ids, keep, strict=True) if k]})
 
 
-def _labelled(train: TeacherCache, fraction: float, seed: int, selection: str = "random") -> np.ndarray:
+def labelled_rows(train: TeacherCache, fraction: float, seed: int, selection: str = "random") -> np.ndarray:
     """The training rows whose gold label a cell may use: the nested subset of the labelled rows, drawn at random
     from the seed or chosen by `selection` (`probekd.selection`; from the teacher's answers, never the labels)."""
     if selection == "pcoreset":
@@ -277,7 +277,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
     for n, cell in enumerate(cells, 1):
         signal, fraction, seed, name = cell.signal, cell.fraction, cell.seed, cell.targets_name
         path = targets_path(run, name)
-        labelled = _labelled(caches["train"], fraction, seed, cell.selection)
+        labelled = labelled_rows(caches["train"], fraction, seed, cell.selection)
         dev_rows = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
         # e.g. every seed at fraction 1 labels the same rows
         key = (signal, np.packbits(labelled).tobytes(), np.packbits(dev_rows).tobytes())
@@ -410,7 +410,7 @@ def prepare_cell(
     signal, fraction, seed = cell.signal, cell.fraction, cell.seed
     train = caches["train"]
     kmax = max(c.mask.shape[1] for c in caches.values())
-    labelled = _labelled(train, fraction, seed, cell.selection)
+    labelled = labelled_rows(train, fraction, seed, cell.selection)
     path = targets_path(run, cell.targets_name)
     if not path.exists():
         raise ProbekdError(f"{path} is missing: run the targets stage first (`probekd run CONFIG --stage targets`)")

@@ -539,8 +539,9 @@ def _target_stats(run: Path, cell: dict[str, Any], train: TeacherCache | None, s
         return {k: meta.get(k) for k in ("target_accuracy", "target_entropy")}
     if train is None:
         return {}
+    from probekd.experiment import labelled_rows
     from probekd.layout import Cell, targets_path
-    from probekd.targets import SoftTargets, labelled_subset, target_stats
+    from probekd.targets import SoftTargets, target_stats
 
     name = Cell(cell["signal"], cell["fraction"], cell["seed"], selection=cell.get("selection", "random")).targets_name
     if name not in seen:
@@ -549,10 +550,7 @@ def _target_stats(run: Path, cell: dict[str, Any], train: TeacherCache | None, s
         if path.exists():
             with contextlib.suppress(ProbekdError):
                 targets = SoftTargets.load(path)
-                lab = train.answers >= 0
-                keep = np.zeros(len(train.ids), dtype=bool)
-                ids = [i for i, ok in zip(train.ids, lab, strict=True) if ok]
-                keep[np.flatnonzero(lab)] = labelled_subset(ids, cell["fraction"], cell["seed"])
+                keep = labelled_rows(train, cell["fraction"], cell["seed"], cell.get("selection", "random"))
                 answers = np.where(keep, train.answers, -1)
                 seen[name] = target_stats(targets, train.ids, answers, train.padded_mask(targets.k))
     return seen[name]
