@@ -229,3 +229,18 @@ def test_fidelity_columns_and_table(small_run: Path, tmp_path: Path) -> None:
     for r in rows.values():
         assert r["kl_teacher"] is not None and r["kl_teacher"] >= 0 and r["kl_probe"] >= 0
     assert "## Fidelity to the teacher and to the probe (test)" in text
+
+
+def test_target_statistics_missing_from_a_cells_metrics_are_recomputed(small_run: Path, tmp_path: Path) -> None:
+    """A cell made before its metrics held the targets' accuracy and entropy gets them from RUN/targets/ and the
+    cell's labelled rows: the same values the targets stage recorded."""
+    run = _copy(small_run, tmp_path / "run", kept=True)
+    path = run / "students" / "probe-f1-s0" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    recorded = {k: metrics["targets"][k] for k in ("target_accuracy", "target_entropy")}
+    for k in recorded:
+        del metrics["targets"][k]
+    path.write_text(json.dumps(metrics))
+    row = {r["cell"]: r for r in results_table(run)}["probe-f1-s0"]
+    assert row["target_accuracy"] == pytest.approx(recorded["target_accuracy"], abs=1e-6)
+    assert row["target_entropy"] == pytest.approx(recorded["target_entropy"], abs=1e-6)
