@@ -341,3 +341,53 @@ def test_biencoder_scores_are_scaled_cosines_of_mean_pooled_texts(tiny_bert_dir:
             want = torch.stack([20.0 * torch.nn.functional.cosine_similarity(q, embed(o), dim=0) for o in ex.options])
             torch.testing.assert_close(got[i, : ex.k], want, atol=1e-4, rtol=1e-4)
     assert torch.isinf(got[0, 3:]).all() and torch.isfinite(got[1]).all()
+
+
+def test_mixup_pairs_rows_of_the_same_options_and_mixes_embeddings_and_losses(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.mixup`: rows are paired only with rows of the same option mask; at lambda = 1 the loss is the plain
+    one; at lambda = 0.3 it is 0.3 l(mixed logits; own targets) + 0.7 l(mixed logits; partner's targets), the
+    logits from the mixed question and option embeddings (by hand); evaluation is never mixed; a cross-encoder
+    student is refused."""
+    from probekd.student import mixup
+    from probekd.student.heads import biencoder_embeddings, biencoder_scores
+    from probekd.student.train import distill_loss
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    for seed in range(5):
+        perm = mixup.same_option_pairs(mask, torch.Generator().manual_seed(seed))
+        assert sorted(perm.tolist()) == list(range(5)) and (mask[perm] == mask).all() and perm[4] == 4
+
+    exs = mammal_task(6)
+    exs = [*exs[:4], MCQExample("s1", "Which is a mammal?", ("dog", "ant", "sun"), 0),
+           MCQExample("s2", "Which is a mammal?", ("ant", "dog", "sun"), 1)]  # fmt: skip
+    student = build_student(StudentConfig(model=str(tiny_bert_dir), head="biencoder"), k=4, seed=0)
+    rows = rows_for(student, exs, 4)
+    batch = _batch(student, rows)
+    plain_cfg = TrainConfig(alpha=0.5, temperature=2.0)
+    plain = make_trainer(student, rows, None, plain_cfg, tmp_path / "plain", 0)
+    mixed = make_trainer(student, rows, None, TrainConfig(alpha=0.5, temperature=2.0, mixup=0.4), tmp_path / "mix", 0)
+    student.model.train()
+    with torch.no_grad():
+        base = float(plain.compute_loss(student.model, dict(batch)))
+        lams = iter([1.0, 0.3])
+        monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self: torch.tensor(next(lams)))
+        pairs = torch.tensor([1, 0, 3, 2, 5, 4])
+        monkeypatch.setattr(mixup, "same_option_pairs", lambda m, generator=None: pairs)
+        assert float(mixed.compute_loss(student.model, dict(batch))) == pytest.approx(base, rel=1e-5)
+        got = float(mixed.compute_loss(student.model, dict(batch)))
+        q, o = biencoder_embeddings(student.model, batch["input_ids"], batch["attention_mask"], batch["option_ids"],
+                                    batch["option_attention"])  # fmt: skip
+        logits = biencoder_scores(student.model, 0.3 * q + 0.7 * q[pairs], 0.3 * o + 0.7 * o[pairs],
+                                  batch["option_mask"])  # fmt: skip
+        kw = dict(loss="fkl", alpha=0.5, temperature=2.0)
+        own = distill_loss(logits, batch["targets"], batch["labels"], batch["option_mask"], **kw)
+        other = distill_loss(logits, batch["targets"][pairs], batch["labels"][pairs], batch["option_mask"], **kw)
+        assert got == pytest.approx(float((0.3 * own + 0.7 * other).mean()), rel=1e-5)
+        assert abs(got - base) > 1e-4
+        student.model.eval()  # evaluation: no mixing
+        assert float(mixed.compute_loss(student.model, dict(batch))) == pytest.approx(base, rel=1e-5)
+    cross = build_student(StudentConfig(model=str(tiny_bert_dir), head="cross"), k=4, seed=0)
+    with pytest.raises(ProbekdError, match="train.mixup .* needs student.head: biencoder"):
+        make_trainer(cross, rows_for(cross, exs, 4), None, TrainConfig(mixup=0.4), tmp_path / "cross", 0)

@@ -124,11 +124,28 @@ def biencoder_logits(
     **_: Any,
 ) -> torch.Tensor:
     """s * cos(mean-pooled question, mean-pooled option) per option; s = exp of the model's `LOGIT_SCALE`."""
+    q, o = biencoder_embeddings(model, input_ids, attention_mask, option_ids, option_attention)
+    return biencoder_scores(model, q, o, option_mask)
+
+
+def biencoder_embeddings(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    option_ids: torch.Tensor,
+    option_attention: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bi-encoder's mean-pooled question embeddings [B, H] and option embeddings [B, Kb, H] (float32)."""
     b, kb, c = option_ids.shape
     q = _mean_pool(model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state, attention_mask)
     om = option_attention.reshape(b * kb, c)
     o = _mean_pool(model(input_ids=option_ids.reshape(b * kb, c), attention_mask=om).last_hidden_state, om)
-    cos = torch.nn.functional.cosine_similarity(q.float()[:, None], o.float().reshape(b, kb, -1), dim=-1)
+    return q.float(), o.float().reshape(b, kb, -1)
+
+
+def biencoder_scores(model: nn.Module, q: torch.Tensor, o: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
+    """s * cos(q, o_k) [B, K] from the embeddings of `biencoder_embeddings` (or mixtures of them)."""
+    cos = torch.nn.functional.cosine_similarity(q[:, None], o, dim=-1)
     scale = getattr(base_model(model), LOGIT_SCALE).float().exp()
     return _pad_options(scale * cos, option_mask)
 

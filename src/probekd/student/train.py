@@ -128,9 +128,14 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = True  # our loss is divided by the step's example count, see the module docstring
 
     def __init__(self, *args: Any, scorer: Scorer, train_cfg: TrainConfig, **kwargs: Any) -> None:
+        from probekd.student.heads import biencoder_logits
+
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.train_cfg = train_cfg
+        if train_cfg.mixup > 0 and scorer is not biencoder_logits:
+            raise ProbekdError("train.mixup mixes the bi-encoder's embeddings; it needs student.head: biencoder (an "
+                               "encoder student)")  # fmt: skip
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -138,17 +143,24 @@ class DistillTrainer(Trainer):
         targets = inputs.pop("targets")
         weights = inputs.pop("weights")
         labels = inputs.pop("labels")
-        logits = self.scorer(model, **inputs)
-        per = distill_loss(
-            logits,
-            targets,
-            labels,
-            inputs["option_mask"],
-            loss=self.train_cfg.loss_at(self.state.global_step, self.state.max_steps),
-            alpha=self.train_cfg.alpha,
-            temperature=self.train_cfg.temperature,
-            **self.train_cfg.loss_options,
-        )
+        cfg = self.train_cfg
+        kw = dict(loss=cfg.loss_at(self.state.global_step, self.state.max_steps), alpha=cfg.alpha,
+                  temperature=cfg.temperature, **cfg.loss_options)  # fmt: skip
+        if cfg.mixup > 0 and model.training:
+            from probekd.student.heads import biencoder_embeddings, biencoder_scores
+            from probekd.student.mixup import mix, same_option_pairs
+
+            lam = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+            perm = same_option_pairs(inputs["option_mask"]).to(labels.device)
+            q, o = biencoder_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["option_ids"],
+                                        inputs["option_attention"])  # fmt: skip
+            logits = biencoder_scores(model, mix(q, q[perm], lam), mix(o, o[perm], lam), inputs["option_mask"])
+            per = mix(distill_loss(logits, targets, labels, inputs["option_mask"], **kw),
+                      distill_loss(logits, targets[perm], labels[perm], inputs["option_mask"], **kw), lam)  # fmt: skip
+            weights = mix(weights.float(), weights.float()[perm], lam)
+        else:
+            logits = self.scorer(model, **inputs)
+            per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
         n = len(per) * self.args.gradient_accumulation_steps
         value = (weights.float() * per).sum() / n
         return (value, {"logits": logits}) if return_outputs else value

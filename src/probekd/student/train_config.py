@@ -65,6 +65,12 @@ class TrainConfig(BaseModel):
     group_by_length: bool = Field(
         True, description="Batch training rows of similar length (less padding; random within groups of ~4 batches)."
     )
+    mixup: float = Field(
+        0.0,
+        ge=0,
+        description="Mixup in the bi-encoder's embedding space (`probekd.student.mixup`): the Beta(a, a) parameter of "
+        "the mixing weight, drawn once per batch; 0 = off. Only with `student.head: biencoder`.",
+    )
     bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # type: ignore[arg-type]
     loss_options: dict[str, float] = Field(
