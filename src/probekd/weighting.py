@@ -93,13 +93,20 @@ def normalize(w: np.ndarray) -> np.ndarray:
     return w * (w.size / w.sum())
 
 
+def scheme_weights(cfg: WeightingConfig, p: np.ndarray) -> np.ndarray:
+    """The unnormalized weights of `cfg.scheme` for pass rates p (`none`: all 1)."""
+    if cfg.scheme == "paced":
+        return paced_weights(p, cfg.alpha, cfg.beta)
+    if cfg.scheme == "hard_filter":
+        return hard_filter_weights(p, cfg.filter_tol)
+    return np.ones_like(p, dtype=np.float64)
+
+
 def weights_for(cfg: WeightingConfig, probs: np.ndarray, gold: np.ndarray, seed: int = 0) -> np.ndarray:
     """Normalized weights of `cfg` from the student's probabilities and the gold (or pseudo-gold) options."""
     if cfg.scheme == "none":
         return np.ones(len(gold))
-    p = pass_rates(probs, gold, cfg.pass_rate, cfg.samples, seed)
-    w = paced_weights(p, cfg.alpha, cfg.beta) if cfg.scheme == "paced" else hard_filter_weights(p, cfg.filter_tol)
-    return normalize(w)
+    return normalize(scheme_weights(cfg, pass_rates(probs, gold, cfg.pass_rate, cfg.samples, seed)))
 
 
 def weight_stats(w: np.ndarray, p: np.ndarray | None = None, bins: int = 10) -> dict[str, Any]:

@@ -16,18 +16,9 @@ from typing import Any
 import numpy as np
 
 from probekd.student.callbacks import PassRateWeights
-from probekd.weighting import WeightingConfig, hard_filter_weights, normalize, paced_weights
+from probekd.weighting import WeightingConfig, normalize, scheme_weights
 
 log = logging.getLogger(__name__)
-
-
-def scheme_weights(cfg: WeightingConfig, p: np.ndarray) -> np.ndarray:
-    """The unnormalized weights of `cfg.scheme` for pass rates p (`none`: all 1)."""
-    if cfg.scheme == "paced":
-        return paced_weights(p, cfg.alpha, cfg.beta)
-    if cfg.scheme == "hard_filter":
-        return hard_filter_weights(p, cfg.filter_tol)
-    return np.ones_like(p, dtype=np.float64)
 
 
 class RolloutPassRateWeights(PassRateWeights):

@@ -366,10 +366,10 @@ def _train_cell(
     solutions: dict[str, str],
 ) -> dict[str, Any]:
     """Train one cell's student from the initial one, score it, keep it; returns its metrics."""
-    from probekd.generative.pass_rate_weights import RolloutPassRateWeights, scheme_weights
+    from probekd.generative.pass_rate_weights import RolloutPassRateWeights
     from probekd.generative.rollouts import run_rollouts
     from probekd.generative.seq_train import SequenceRows, distill_sequences
-    from probekd.weighting import normalize
+    from probekd.weighting import normalize, scheme_weights
 
     seed, loss, weighting = cell
     name = cell_name(seed, loss, weighting, cfg.generate.source)
