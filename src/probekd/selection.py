@@ -8,9 +8,10 @@ choose the questions that cover the teacher's *probability space* rather than it
 labelled set spans the kinds of judgement the teacher makes (confident right, confident on another option, torn
 between two, flat) instead of repeating the most common kind. Greedy k-center (farthest-first traversal) on p_i,
 the teacher's answer distribution over question i's options (softmax of its cached answer scores, padded with
-zeros to K options): start from a question drawn from the seed, then repeatedly add the question farthest (in
-Euclidean distance) from every question chosen so far. The traversal order is computed once per seed; a fraction
-takes its first ceil(fraction x N) questions, so the subsets are nested as the fraction grows, as for `random`.
+zeros to K options): start from the question the seed's random order puts first, then repeatedly add the question
+farthest (in Euclidean distance) from every question chosen so far. The traversal order is computed once per seed;
+a fraction takes its first ceil(fraction x N) questions, so the subsets are nested as the fraction grows, as for
+`random`.
 No label is read: the choice uses the teacher's unlabelled answers only (ties go to the lower row index).
 
 What this module does not do: the paper also trains the student in rounds and selects with the student's
@@ -19,15 +20,14 @@ probabilities; here the teacher's cached answers stand in for them, which is wha
 
 from __future__ import annotations
 
-import hashlib
 from typing import Literal
 
 import numpy as np
 
 from probekd.errors import ProbekdError
+from probekd.targets import seeded_order
 
 Selection = Literal["random", "pcoreset"]
-SELECTIONS: tuple[str, ...] = ("random", "pcoreset")
 
 
 def farthest_first_order(points: np.ndarray, start: int) -> np.ndarray:
@@ -57,7 +57,7 @@ def pcoreset_subset(ids: list[str], probs: np.ndarray, fraction: float, seed: in
     keep = np.zeros(len(ids), dtype=bool)
     if not ids:
         return keep
-    start = min(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
+    start = seeded_order(ids, seed)[0]  # the question `random` would label first
     n = int(np.ceil(fraction * len(ids) - 1e-9))
     keep[farthest_first_order(np.asarray(probs, dtype=np.float64), start)[:n]] = True
     return keep

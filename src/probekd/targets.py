@@ -152,14 +152,14 @@ def from_logits(
     return SoftTargets(ids, probs, mask, source, {"temperature": temperature, **meta})
 
 
-def _seeded_order(ids: list[str], seed: int) -> list[int]:
+def seeded_order(ids: list[str], seed: int) -> list[int]:
     """Row indices of `ids` in an order drawn from `seed` (a hash of seed and id): a function of the ids alone."""
     return sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{seed}:{ids[i]}".encode()).digest())
 
 
 def _first(ids: list[str], n: int, seed: int) -> np.ndarray:
     keep = np.zeros(len(ids), dtype=bool)
-    keep[_seeded_order(ids, seed)[:n]] = True
+    keep[seeded_order(ids, seed)[:n]] = True
     return keep
 
 
