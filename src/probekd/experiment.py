@@ -421,7 +421,8 @@ def prepare_cell(
             f"{int(labelled.sum())}; redo the targets stage with --overwrite"
         )
     # the same rows, not only as many (a selection from re-extracted teacher scores could differ); older files lack it
-    if targets.meta.get("labelled_sha256", _ids_sha(train.ids, labelled)) != _ids_sha(train.ids, labelled):
+    rows_sha = _ids_sha(train.ids, labelled)
+    if targets.meta.get("labelled_sha256", rows_sha) != rows_sha:
         raise ProbekdError(f"{path} was made from other labelled questions than this cell's {cell.selection} selection "
                            "gives; redo the targets stage with --overwrite")  # fmt: skip
     dev_rows_used = dev_labelled(caches["dev"], cfg.grid, fraction, seed)
