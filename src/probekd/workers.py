@@ -45,13 +45,17 @@ def lock_path(run: Path, name: str) -> Path:
     return Path(run) / "locks" / f"{name}.lock"
 
 
+def _file_lock(run: Path, name: str) -> FileLock:
+    path = lock_path(run, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 @contextlib.contextmanager
 def claimed(run: Path, name: str) -> Iterator[bool]:
     """Try to claim `name` without waiting: yields True (and holds the lock until the block ends) or False when
     another process holds it."""
-    path = lock_path(run, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    lock = _file_lock(run, name)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -67,9 +71,7 @@ def claimed(run: Path, name: str) -> Iterator[bool]:
 def held(run: Path, name: str) -> Iterator[None]:
     """Hold the lock `name`, waiting for it: for short shared steps (pruning kept students, a seed's zero-shot
     file) that two workers must not do at once."""
-    path = lock_path(run, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path)):
+    with _file_lock(run, name):
         yield
 
 
@@ -127,8 +129,8 @@ def _worker_environment(rank: int, workers: int) -> dict[str, str]:
 
     if torch.cuda.is_available() and torch.cuda.device_count() > 1:
         return {"CUDA_VISIBLE_DEVICES": str(rank % torch.cuda.device_count())}
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads), "MKL_NUM_THREADS": threads}
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
 
 
 def _worker_main(rank: int, target: Callable[..., Any], args: tuple[Any, ...], env: dict[str, str]) -> None:
