@@ -14,6 +14,7 @@ only the gathered rows, and the forward pass stops after the deepest layer neede
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,9 @@ class Teacher:
     def decoder(self) -> nn.Module:
         return self.model.get_decoder()
 
-    @property
+    @functools.cached_property
     def parts(self) -> DecoderParts:
-        """Its decoder blocks and final norm, found by structure (`probekd.teacher.layers`)."""
+        """Its decoder blocks and final norm, found by structure once (`probekd.teacher.layers`)."""
         return decoder_parts(self.model)
 
     @property

@@ -191,10 +191,11 @@ def extract_split(
         missing = [i for i in range(manifest["n_shards"]) if not tcache.shard_path(out, i).exists()]
     r.barrier()
     kmax, size = manifest["kmax"], cfg.shard_size
-    todo = sum(len(examples[i * size : (i + 1) * size]) for i in r.mine(missing))
+    mine = r.mine(missing)
+    todo = sum(len(examples[i * size : (i + 1) * size]) for i in mine)
     t0, done = time.perf_counter(), 0
     with tqdm(total=todo, desc=desc, unit="ex", disable=None) as bar:
-        for i in r.mine(missing):
+        for i in mine:
             exs = examples[i * size : (i + 1) * size]
             if cfg.formulation == "letter":
                 tensors = _letter_shard(teacher, exs, template, layers, kmax, cfg.batch_size, bar)
