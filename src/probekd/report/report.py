@@ -194,19 +194,11 @@ def _test_probs(run: Path, cell: dict[str, Any]) -> np.ndarray | None:
     return np.load(path) if path.exists() else None
 
 
-def _add_test_entropy(run: Path, cells: list[dict[str, Any]], mask: np.ndarray) -> None:
-    """Each cell's `test_entropy` (`normalized_entropy` of its test probabilities; None without them)."""
-    for c in cells:
-        probs = _test_probs(run, c)
-        c["test_entropy"] = (
-            round(normalized_entropy(probs, mask), 4) if probs is not None and probs.shape == mask.shape else None
-        )
-
-
-def _add_fidelity(run: Path, cells: list[dict[str, Any]], test: TeacherCache) -> None:
-    """Each cell's `wrong_fidelity_<ref>` and `kl_<ref>` (`probekd.fidelity`) to the teacher's own answer
-    distribution and to the probe's test probabilities (None without the student's test probabilities or the
-    reference). Its `agreement_<ref>` was recorded when it was trained."""
+def _add_test_columns(run: Path, cells: list[dict[str, Any]], test: TeacherCache) -> None:
+    """From each cell's saved test probabilities (read once; the columns are None without them): `test_entropy`
+    (`normalized_entropy`), and `wrong_fidelity_<ref>` and `kl_<ref>` (`probekd.fidelity`) to the teacher's own
+    answer distribution and to the probe's test probabilities. Its `agreement_<ref>` was recorded when it was
+    trained."""
     from probekd.evaluate import option_softmax
     from probekd.fidelity import fidelity
 
@@ -218,9 +210,10 @@ def _add_fidelity(run: Path, cells: list[dict[str, Any]], test: TeacherCache) ->
                 refs["probe"] = z["probs"]
     for c in cells:
         probs = _test_probs(run, c)
+        ok = probs is not None and probs.shape == test.mask.shape
+        c["test_entropy"] = round(normalized_entropy(probs, test.mask), 4) if ok else None
         for name in ("teacher", "probe"):
-            ok = probs is not None and name in refs and probs.shape == test.mask.shape
-            f = fidelity(probs, refs[name], test.answers, test.mask) if ok else {}
+            f = fidelity(probs, refs[name], test.answers, test.mask) if ok and name in refs else {}
             c[f"wrong_fidelity_{name}"] = _rounded(f.get("wrong_fidelity"))
             c[f"kl_{name}"] = _rounded(f.get("kl"))
 
@@ -607,8 +600,7 @@ def _finished_cells(run: Path, test: TeacherCache | None) -> list[dict[str, Any]
     `target_entropy`, `kept_model`."""
     cells = load_cells(run)
     if test is not None:
-        _add_test_entropy(run, cells, test.mask)
-        _add_fidelity(run, cells, test)
+        _add_test_columns(run, cells, test)
     dev = _split_cache(run, "dev")
     train = _split_cache(run, "train")
     full_n, full_chance = None, None
