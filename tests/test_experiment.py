@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -626,8 +626,6 @@ def test_a_cell_held_by_another_process_is_left_to_it_and_taken_over_when_it_die
 ) -> None:
     """A worker passes over a cell another process holds, trains the rest, waits, and finishes the held cell once
     its holder is killed (the OS drops the lock); a claimed cell cannot be claimed twice."""
-    import threading
-
     import probekd.workers as workers
 
     copy = tmp_path / "copy"
@@ -638,18 +636,30 @@ def test_a_cell_held_by_another_process_is_left_to_it_and_taken_over_when_it_die
     with workers.claimed(copy, "probe-f1-s1") as mine:
         assert not mine
     monkeypatch.setattr(workers, "POLL_SECONDS", 0.2)
-    killed_at: list[float] = []
 
-    def kill() -> None:  # the "other worker" dies while this one waits
-        killed_at.append(time.time())
-        holder.kill()
+    class KillOnWait(logging.Handler):  # the "other worker" dies once this one has passed its cell over and waits
+        waited = 0
 
-    threading.Timer(2.0, kill).start()
-    cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
-    results = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}
-    holder.wait()
-    held_metrics = copy / "students" / "probe-f1-s1" / "metrics.json"
-    assert len(results) == 20 and held_metrics.stat().st_mtime > killed_at[0]  # trained only once it was free
+        def emit(self, record: logging.LogRecord) -> None:
+            if "being trained by other workers" in record.getMessage():
+                KillOnWait.waited += 1
+                holder.kill()
+                holder.wait()
+
+    handler = KillOnWait(level=logging.INFO)
+    logger = logging.getLogger("probekd.workers")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # (setLevel, not the attribute: it also clears the logger's level cache)
+    try:
+        cfg = load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir))
+        results = {r["cell"]: r for r in run_experiment(cfg, copy, stage="students")}
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    # it trained the free cell, waited (once) for the held one, and trained that only after its holder died
+    assert KillOnWait.waited == 1 and holder.returncode is not None
+    assert len(results) == 20 and (copy / "students" / "probe-f1-s1" / "metrics.json").is_file()
     assert results["hard-f1-s1"]["accuracy"] >= 0
     with workers.claimed(copy, "probe-f1-s1") as mine, workers.claimed(copy, "probe-f1-s1") as again:
         assert mine and not again
