@@ -32,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probekd.allocator import reuse_freed_memory
 from probekd.probes.crossfit import DEFAULT_L2_GRID, crossfit
-from probekd.probes.pipeline import layer_features
+from probekd.probes.pipeline import LayerFeatures
 from probekd.teacher.cache import load_cache
 
 
@@ -55,10 +55,11 @@ def from_run(run: Path, layers_every: int):
     tr, dv = load_cache(run / "teacher" / "train"), load_cache(run / "teacher" / "dev")
     if tr.manifest["formulation"] != "letter":
         raise SystemExit("the sklearn baseline is multinomial: give a run with a letter-formulation cache")
-    keep = list(range(0, tr.hidden.shape[1], layers_every))
-    k = max(tr.mask.shape[1], dv.mask.shape[1])
-    Xtr, mask = layer_features(tr, keep, "last", k)  # exactly what the probe stage fits on
-    Xdv, mask_dv = layer_features(dv, keep, "last", k)
+    keep = list(range(0, len(tr.layers), layers_every))
+    features = LayerFeatures({"train": tr, "dev": dv}, keep, "last", max(tr.mask.shape[1], dv.mask.shape[1]))
+    groups = range(len(keep))
+    Xtr, mask = features("train", groups)  # exactly what the probe stage fits on
+    Xdv, mask_dv = features("dev", groups)
     return (Xtr.numpy(), tr.answers, mask.numpy(), Xdv.numpy(), dv.answers, mask_dv.numpy()), tr.ids
 
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -195,8 +196,9 @@ def test_extract_split_cache_and_accuracy(
     assert c.ids == [e.id for e in exs]
     assert c.mask.sum(1).tolist() == [e.k for e in exs]
     assert (c.scores[~c.mask] == float("-inf")).all()
-    expected = (c.hidden.shape[0], 3, teacher.hidden_size) if formulation == "letter" else (7, 5, 3, 32)
-    assert c.hidden.shape == expected
+    states = c.layer_states("hidden", range(3))  # layer first
+    assert states.shape == ((3, 7, teacher.hidden_size) if formulation == "letter" else (3, 7, 5, 32))
+    assert c.states == (("hidden",) if formulation == "letter" else ("hidden", "hidden_mean"))
     pred = [max(range(e.k), key=lambda j, i=i: c.scores[i, j]) for i, e in enumerate(exs)]
     acc = sum(p == e.answer for p, e in zip(pred, exs, strict=True)) / len(exs)
     assert summary["teacher_accuracy"] == pytest.approx(acc)
@@ -205,6 +207,30 @@ def test_extract_split_cache_and_accuracy(
     assert extract_split(teacher, tiny_llama_dir, exs, tmp_path, cfg)["computed"] == 0
     after = _tensors(tmp_path)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("formulation", ["letter", "option"])
+def test_lazy_layer_reads_equal_the_stored_tensors(
+    teacher, tiny_llama_dir: Path, tmp_path: Path, formulation: str
+) -> None:
+    """`layer_states` (memory-mapped slices, shard by shard) returns exactly what safetensors' own full read of
+    every shard gives, for any layer selection, in the storage dtype's values, whatever the order asked."""
+    cfg = ExtractConfig(formulation=formulation, shard_size=3, batch_size=2, prompt="base", storage_dtype="bfloat16")
+    extract_split(teacher, tiny_llama_dir, examples(7), tmp_path, cfg)
+    c = tcache.load_cache(tmp_path)
+    layer_axis = 1 if formulation == "letter" else 2
+    for name in c.states:
+        eager = torch.cat([load_file(str(f))[name] for f in sorted(tmp_path.glob("shard-*.safetensors"))])
+        assert eager.dtype == torch.bfloat16
+        for idx in ([0, 1, 2], [2], [2, 0, 1], [0, 2]):
+            want = eager.float().numpy().take(idx, axis=layer_axis)
+            got = c.layer_states(name, idx)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, np.moveaxis(want, layer_axis, 0))
+    with pytest.raises(ProbekdError, match=r"out of range: the cache holds 3 layers"):
+        c.layer_states("hidden", [3])
+    with pytest.raises(ProbekdError, match=r"has no hidden_extra states"):
+        c.layer_states("hidden_extra", [0])
 
 
 def test_changed_prompt_is_refused(teacher, tiny_llama_dir: Path, tmp_path: Path) -> None:

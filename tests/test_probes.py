@@ -292,7 +292,7 @@ def test_probe_stage_writes_complete_consistent_artifacts(tiny_run: Path) -> Non
     assert s["table"][s["layers"].index(s["chosen_layer"])]["dev_accuracy"] == max(dev_acc)
     for split in ("train", "dev", "test"):
         z = np.load(out / f"{split}.npz")
-        c = load_cache(tiny_run / "teacher" / split, with_hidden=False)
+        c = load_cache(tiny_run / "teacher" / split)
         assert z["ids"].tolist() == c.ids
         np.testing.assert_allclose(z["probs"].sum(1), 1.0, atol=1e-5)
         k = c.mask.shape[1]  # splits may have fewer options than the run's widest split
@@ -368,6 +368,33 @@ def test_feature_auto_probes_both_states_and_chooses_the_pair_on_dev(tiny_option
     targets = signal_targets("probe", caches, np.ones(len(caches["train"].ids), bool), cfg, layer_idx)
     assert (targets["dev"].meta["feature"], targets["dev"].meta["layer"]) == (s["chosen_feature"], s["chosen_layer"])
     np.testing.assert_allclose(targets["dev"].probs, dev["probs"], atol=1e-5)
+
+
+@pytest.mark.parametrize("run_fixture", ["tiny_run", "tiny_option_run"])
+def test_probes_fitted_in_passes_equal_one_pass(run_fixture: str, request: pytest.FixtureRequest) -> None:
+    """Fitting the groups a few at a time (each pass reading only its layers from disk) gives the probes, logits,
+    L2 strengths, layer choice and temperature of one pass over every group: the passes only bound the memory. Equal
+    up to the float32 solver's precision: rounding differs with the batch's shape, and a probe may stop one L-BFGS
+    iteration earlier or later (logits within 1e-3 here; a group out of place would be off by far more)."""
+    from probekd.probes.pipeline import LayerFeatures, ProbeConfig, fit_layers, load_inputs
+
+    run = request.getfixturevalue(run_fixture)
+    cfg = ProbeConfig(feature="auto", n_folds=3, l2_grid=[1e-2, 1.0])
+    caches, _, layer_idx = load_inputs(run, cfg)
+    kmax = max(c.mask.shape[1] for c in caches.values())
+    features = LayerFeatures(caches, layer_idx, cfg.feature, kmax)
+    y = torch.from_numpy(caches["train"].answers).long()
+    y[::4] = -1  # some unlabelled rows: they get the full-data probe
+    whole = fit_layers(features, "multinomial" if run_fixture == "tiny_run" else "conditional", cfg, y)
+    per_group = features.group_bytes("train")
+    for pass_bytes in (per_group, 2 * per_group, 1):  # one group, two groups, less than a group: still one
+        parts = fit_layers(features, whole.crossfit.full.kind, cfg, y, pass_bytes=pass_bytes)
+        assert parts.best == whole.best and parts.temperature == pytest.approx(whole.temperature, rel=1e-5)
+        for split in caches:
+            torch.testing.assert_close(parts.layer_logits[split], whole.layer_logits[split], rtol=0, atol=5e-3)
+        torch.testing.assert_close(parts.crossfit.full.coef, whole.crossfit.full.coef, rtol=0, atol=5e-3)
+        torch.testing.assert_close(parts.crossfit.standardizer.scale, whole.crossfit.standardizer.scale)
+        assert torch.equal(parts.crossfit.full_l2, whole.crossfit.full_l2)
 
 
 def test_feature_auto_on_letter_caches_is_the_single_state(tiny_run: Path, tmp_path: Path) -> None:

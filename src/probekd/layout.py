@@ -130,7 +130,7 @@ def save_answers(run: Path, caches: dict[str, TeacherCache]) -> None:
 
 
 def load_answers(run: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, TeacherCache]:
-    """The caches of `run` as `save_answers` wrote them (`hidden` empty)."""
+    """The caches of `run` as `save_answers` wrote them (no hidden states)."""
     from probekd.teacher.cache import TeacherCache
 
     caches = {}
@@ -146,7 +146,6 @@ def load_answers(run: Path, splits: tuple[str, ...] = SPLITS) -> dict[str, Teach
             caches[split] = TeacherCache(
                 {"formulation": meta["formulation"], "layers": meta["layers"]},
                 [str(i) for i in z["ids"]],
-                np.empty((0,), dtype=np.float32),
                 z["scores"],
                 z["mask"].astype(bool),
                 z["answers"],

@@ -36,7 +36,7 @@ import torch
 from probekd.atomic import write_npz
 from probekd.errors import ProbekdError
 from probekd.evaluate import normalized_entropy
-from probekd.probes.pipeline import LayerFit, ProbeConfig, fit_layers, layer_features, probe_feature_names
+from probekd.probes.pipeline import LayerFeatures, LayerFit, ProbeConfig, fit_layers, probe_feature_names
 from probekd.probes.score_calibration import calibrate_scores
 from probekd.teacher.cache import TeacherCache
 
@@ -345,9 +345,7 @@ def _signal_targets(
     if signal == "probe":
         y = torch.from_numpy(answers).long()
         kind = "multinomial" if train.manifest["formulation"] == "letter" else "conditional"
-        fit = fit_layers(
-            caches, lambda s: layer_features(caches[s], layer_idx, probe_cfg.feature, kmax), kind, probe_cfg, y
-        )
+        fit = fit_layers(LayerFeatures(caches, layer_idx, probe_cfg.feature, kmax), kind, probe_cfg, y)
         layers = [train.layers[i] for i in layer_idx]
         features = probe_feature_names(train.manifest["formulation"], probe_cfg.feature)
         feature, layer = [(f, x) for f in features for x in layers][fit.best]

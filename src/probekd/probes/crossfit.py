@@ -60,6 +60,33 @@ class CrossfitResult:
         """Logits [G, N, K] of each layer's full model on other rows (validation, test, a pool)."""
         return logits_batched(self.full, self.standardizer.transform(X), mask)[:, :, 0]
 
+    @classmethod
+    def concat(cls, parts: list[CrossfitResult]) -> CrossfitResult:
+        """The results of fits on consecutive groups of layers (same rows, folds and settings), as one result."""
+        if len(parts) == 1:
+            return parts[0]
+        full = [p.full for p in parts]
+        intercepts = [p.intercept for p in full]
+        return cls(
+            train_logits=torch.cat([p.train_logits for p in parts]),
+            cv_accuracy=torch.cat([p.cv_accuracy for p in parts]),
+            cv_nll=torch.cat([p.cv_nll for p in parts]),
+            fold_l2=torch.cat([p.fold_l2 for p in parts]),
+            full_l2=torch.cat([p.full_l2 for p in parts]),
+            full=LinearParams(
+                full[0].kind,
+                torch.cat([p.coef for p in full]),
+                None if intercepts[0] is None else torch.cat([i for i in intercepts if i is not None]),
+                torch.cat([p.n_iter for p in full]),
+                torch.cat([p.converged for p in full]),
+            ),
+            standardizer=Standardizer(
+                torch.cat([p.standardizer.mean for p in parts]), torch.cat([p.standardizer.scale for p in parts])
+            ),
+            folds=parts[0].folds,
+            not_converged=sum(p.not_converged for p in parts),
+        )
+
 
 def crossfit(
     X: torch.Tensor,

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -53,8 +54,8 @@ class ProbeConfig(BaseModel):
     feature: Literal["last", "mean", "auto"] = Field(
         "auto",
         description="`option` formulation: the state at the option's last token, the mean over its tokens, or "
-        "`auto` (the default): probe both and choose the (feature, layer) pair on dev (twice the fitting time and "
-        "memory; on ARC-Easy dev and test the mean state won for both real teachers, docs/RESULTS.md).",
+        "`auto` (the default): probe both and choose the (feature, layer) pair on dev (twice the fitting time; "
+        "on ARC-Easy dev and test the mean state won for both real teachers, docs/RESULTS.md).",
     )
     layers: str | list[int] = Field("all", description="`all` cached layers, or a list of layer numbers.")
     n_folds: int = Field(5, ge=3, description="Cross-fitting folds (nested CV chooses each fold's L2 strength).")
@@ -95,24 +96,46 @@ def probe_feature_names(formulation: str, feature: str) -> tuple[str, ...]:
     return ("last", "mean") if feature == "auto" else (feature,)
 
 
-def layer_features(c: TeacherCache, layer_idx: list[int], feature: str, kmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X, mask) of cached layers `layer_idx` (indices into the cache's layers): X [G, N, H] (letter) or
-    [G, N, K, H] (option), options padded to kmax. The groups are the layers of each feature of
-    `probe_feature_names` in turn (`auto`: every layer's last-token state, then every layer's mean state)."""
-    mask = c.padded_mask(kmax)
-    if c.manifest["formulation"] == "letter":
-        X = np.ascontiguousarray(c.hidden[:, layer_idx].transpose(1, 0, 2))
-        return torch.from_numpy(X), torch.from_numpy(mask)
-    names = probe_feature_names("option", feature)
-    states = [c.hidden_mean if f == "mean" else c.hidden for f in names]
-    for f, h in zip(names, states, strict=True):
-        if h is None or h.ndim != 4:
-            raise ProbekdError(f"the teacher cache has no {'hidden_mean' if f == 'mean' else 'hidden'} states")
-    L, k = len(layer_idx), c.mask.shape[1]
-    X = np.zeros((len(names) * L, len(c.ids), kmax, states[0].shape[-1]), dtype=np.float32)
-    for j, h in enumerate(states):
-        X[j * L : (j + 1) * L, :, :k] = h[:, :, layer_idx].transpose(2, 0, 1, 3)
-    return torch.from_numpy(X), torch.from_numpy(mask)
+PASS_BYTES = 256 * 2**20  # the training split's features fitted in one batched pass, at most (one group if larger)
+
+
+@dataclass(frozen=True)
+class LayerFeatures:
+    """The features probed on a run's caches, group by group: group g is the g-th (state, layer) pair of
+    `groups` (`auto`: every layer's last-token state, then every layer's mean state), read from disk per call."""
+
+    caches: dict[str, TeacherCache]
+    layer_idx: list[int]  # indices into the caches' layers
+    feature: str  # `last`, `mean` or `auto` (`ProbeConfig.feature`)
+    kmax: int  # options per row, over every split
+
+    @property
+    def groups(self) -> list[tuple[str, int]]:
+        """(feature, layer index in the cache) of every group, in the table's order."""
+        names = probe_feature_names(self.caches["train"].manifest["formulation"], self.feature)
+        return [(f, i) for f in names for i in self.layer_idx]
+
+    def group_bytes(self, split: str) -> int:
+        """The size of one group's float32 features on `split`."""
+        c = self.caches[split]
+        per_row = c.manifest["hidden_size"] * (1 if c.manifest["formulation"] == "letter" else self.kmax)
+        return 4 * per_row * len(c.ids)
+
+    def __call__(self, split: str, groups: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X, mask) of `groups` on `split`: X [G, N, H] (letter) or [G, N, kmax, H] (option, options padded with
+        zeros to kmax), float32; mask [N, kmax]."""
+        c = self.caches[split]
+        letter = c.manifest["formulation"] == "letter"
+        chosen = [self.groups[g] for g in groups]
+        n, h, k = len(c.ids), c.manifest["hidden_size"], c.mask.shape[1]
+        X = np.zeros((len(chosen), n, h) if letter else (len(chosen), n, self.kmax, h), dtype=np.float32)
+        start = 0
+        for f, members in itertools.groupby(chosen, key=lambda g: g[0]):  # consecutive groups of one state
+            idx = [i for _, i in members]
+            out = X[start : start + len(idx)]
+            c.layer_states("hidden_mean" if f == "mean" else "hidden", idx, out if letter else out[:, :, :k])
+            start += len(idx)
+        return torch.from_numpy(X), torch.from_numpy(c.padded_mask(self.kmax))
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -131,13 +154,10 @@ def _table_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 def load_inputs(
     run: Path, cfg: ProbeConfig, splits: tuple[str, ...] | None = None
 ) -> tuple[dict[str, TeacherCache], list[int], list[int]]:
-    """The teacher caches of run directory `run` (split -> cache, only the feature `cfg` uses; all the splits
-    there, or only `splits`), the layers to probe, and their indices in the cache."""
+    """The teacher caches of run directory `run` (split -> cache, hidden states left on disk; all the splits there,
+    or only `splits`), the layers to probe, and their indices in the cache."""
     split_dirs = {s: d for s, d in _splits(run).items() if splits is None or s in splits}
-    skip: tuple[str, ...] = ()
-    if json.loads((split_dirs["train"] / "manifest.json").read_text()).get("formulation") == "option":
-        skip = {"mean": ("hidden",), "last": ("hidden_mean",), "auto": ()}[cfg.feature]  # read only what is used
-    caches = {s: load_cache(d, skip=skip) for s, d in split_dirs.items()}
+    caches = {s: load_cache(d) for s, d in split_dirs.items()}
     _check_same_teacher(caches)
     cached_layers = caches["train"].layers
     if cfg.layers == "all":
@@ -168,37 +188,43 @@ class LayerFit:
 
 
 def fit_layers(
-    caches: dict[str, TeacherCache],
-    features: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
-    kind: Kind,
-    cfg: ProbeConfig,
-    y: torch.Tensor,
+    features: LayerFeatures, kind: Kind, cfg: ProbeConfig, y: torch.Tensor, *, pass_bytes: int = PASS_BYTES
 ) -> LayerFit:
     """Cross-fit one probe per feature group ("layer") on the training rows labelled in `y` (-1: unlabelled, those
     get the full-data probe), predict the other splits, choose the group on dev, calibrate its temperature on dev.
 
-    `features(split)` gives (X, mask) of a split: X [G, N, D] (multinomial) or [G, N, K, D] (conditional); it is
-    called once per split so only one split's features are in memory at a time."""
+    The groups are fitted in passes of as many as fit in `pass_bytes` of training features (at least one), each
+    read from disk for the pass: memory follows the pass, not the number of layers. Groups are independent problems,
+    so the passes give the probes one batched pass over all groups would (up to float rounding)."""
+    caches = features.caches
     train, dev = caches["train"], caches["dev"]
-    X, mask = features("train")
-    res = crossfit(
-        X,
-        y,
-        mask,
-        train.ids,
-        kind,
-        n_folds=cfg.n_folds,
-        l2_grid=tuple(cfg.l2_grid),
-        seed=cfg.seed,
-        max_iter=cfg.max_iter,
-        tol=cfg.tol,
-    )
-    del X
-    G = res.train_logits.shape[0]
-    layer_logits = {"train": res.train_logits}
-    for split in caches:
-        if split != "train":
-            layer_logits[split] = res.predict_logits(*features(split))
+    G = len(features.groups)
+    per_pass = max(1, pass_bytes // max(1, features.group_bytes("train")))
+    parts: list[CrossfitResult] = []
+    others: dict[str, list[torch.Tensor]] = {s: [] for s in caches if s != "train"}
+    for start in range(0, G, per_pass):
+        groups = range(start, min(G, start + per_pass))
+        if per_pass < G:
+            log.info("probe pass %d/%d: groups %d-%d", start // per_pass + 1, -(-G // per_pass), start, groups[-1])
+        X, mask = features("train", groups)
+        res = crossfit(
+            X,
+            y,
+            mask,
+            train.ids,
+            kind,
+            n_folds=cfg.n_folds,
+            l2_grid=tuple(cfg.l2_grid),
+            seed=cfg.seed,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+        )
+        del X
+        parts.append(res)
+        for split, logits in others.items():
+            logits.append(res.predict_logits(*features(split, groups)))
+    res = CrossfitResult.concat(parts)
+    layer_logits = {"train": res.train_logits} | {s: torch.cat(v) for s, v in others.items()}
     y_dev = torch.from_numpy(dev.answers).long()
     lab_dev = y_dev >= 0
     if not bool(lab_dev.any()):
@@ -341,7 +367,7 @@ def compute_probes(run: Path, cfg: ProbeConfig) -> ProbeResults:
     kmax = max(c.mask.shape[1] for c in caches.values())
     features = probe_feature_names(formulation, cfg.feature)
     groups = [(f, layer) for f in features for layer in layers]
-    fit = fit_layers(caches, lambda s: layer_features(caches[s], layer_idx, cfg.feature, kmax), kind, cfg, y)
+    fit = fit_layers(LayerFeatures(caches, layer_idx, cfg.feature, kmax), kind, cfg, y)
     res, best = fit.crossfit, fit.best
     table: list[LayerRow] = [
         {

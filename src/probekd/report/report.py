@@ -515,7 +515,7 @@ def _split_cache(run: Path, split: str) -> TeacherCache | None:
     with contextlib.suppress(ProbekdError):
         return load_answers(run, (split,))[split]
     if (run / "teacher" / split / "manifest.json").exists():
-        return load_cache(run / "teacher" / split, with_hidden=False)
+        return load_cache(run / "teacher" / split)
     return None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,15 +94,17 @@ def write_shard(folder: Path, i: int, ids: list[str], tensors: dict[str, torch.T
 
 @dataclass
 class TeacherCache:
-    """A loaded split cache: everything as float32 arrays, rows in manifest order."""
+    """A split cache: ids, scores, option mask and answers in memory (rows in manifest order); the hidden states stay
+    on disk and are read on demand (`layer_states`), only the layers asked for, so memory follows what a caller reads,
+    not the size of the cache."""
 
     manifest: dict[str, Any]
     ids: list[str]
-    hidden: np.ndarray  # [N, L, H] or [N, K, L, H]
     scores: np.ndarray  # [N, K]
     mask: np.ndarray  # [N, K] bool
     answers: np.ndarray  # [N]
-    hidden_mean: np.ndarray | None = None
+    folder: Path | None = None  # the shards' folder; None: no hidden states (e.g. `layout.load_answers`)
+    states: tuple[str, ...] = ()  # the hidden-state tensors the shards hold (`hidden`, `hidden_mean`)
 
     @property
     def layers(self) -> list[int]:
@@ -124,13 +127,47 @@ class TeacherCache:
             return float("nan")
         return float((self.teacher_predictions()[lab] == self.answers[lab]).mean())
 
+    def layer_states(self, name: str, layer_idx: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """The `name` states (`hidden` or `hidden_mean`) at the cached layers `layer_idx` (indices into `layers`),
+        layer first, as float32: [G, N, H] (`letter`) or [G, N, K, H] (`option`), written into `out` when given.
 
-def load_cache(folder: Path, *, with_hidden: bool = True, skip: tuple[str, ...] = ()) -> TeacherCache:
-    """Read a complete split cache; a missing shard or a shard with unexpected ids is an error.
+        Read shard by shard from the memory-mapped safetensors files, each run of consecutive layers as one slice,
+        so the peak memory is the result plus one shard's slice of it, whatever the number of cached layers."""
+        if self.folder is None or name not in self.states:
+            where = f"at {self.folder}" if self.folder is not None else "here (only the answers were kept)"
+            has = ", ".join(self.states) or "none"
+            raise ProbekdError(f"the teacher cache {where} has no {name} states (it has: {has})")
+        n_layers = len(self.manifest["layers"])
+        if any(not 0 <= i < n_layers for i in layer_idx):
+            raise ProbekdError(f"layer indices {list(layer_idx)} out of range: the cache holds {n_layers} layers")
+        letter = self.manifest["formulation"] == "letter"
+        options = () if letter else (self.mask.shape[1],)
+        shape = (len(layer_idx), len(self.ids), *options, self.manifest["hidden_size"])
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape:
+            raise ProbekdError(f"output array has shape {out.shape}, the states read have {shape}")
+        runs: list[tuple[int, int, int]] = []  # (position in out, first cached layer, count)
+        for pos, i in enumerate(layer_idx):
+            if runs and runs[-1][1] + runs[-1][2] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((pos, i, 1))
+        size = self.manifest["shard_size"]
+        for s in range(self.manifest["n_shards"]):
+            rows = slice(s * size, min((s + 1) * size, len(self.ids)))
+            with safe_open(str(shard_path(self.folder, s)), "pt") as f:
+                part = f.get_slice(name)
+                for pos, first, count in runs:
+                    layers = slice(first, first + count)
+                    t = part[:, layers] if letter else part[:, :, layers]
+                    out[pos : pos + count, rows] = np.moveaxis(t.float().numpy(), 1 if letter else 2, 0)
+        return out
 
-    `with_hidden=False` skips the hidden states (the bulk of the cache) when only scores and answers are needed;
-    `hidden` is then an empty array. `skip` names other tensors not to read (e.g. `hidden_mean`).
-    """
+
+def load_cache(folder: Path) -> TeacherCache:
+    """Open a complete split cache: read its ids, scores, mask and answers, check every shard (present, with the ids
+    the manifest gives it); hidden states are read later, by `TeacherCache.layer_states`."""
     mpath = folder / "manifest.json"
     if not mpath.exists():
         raise ProbekdError(f"no teacher cache at {folder} (manifest.json missing); run probekd extract first")
@@ -147,6 +184,7 @@ def load_cache(folder: Path, *, with_hidden: bool = True, skip: tuple[str, ...] 
             "extract with the same arguments to finish it"
         )
     parts: dict[str, list[np.ndarray]] = {}
+    states: set[str] = set()
     size = manifest["shard_size"]
     for i in range(manifest["n_shards"]):
         path = shard_path(folder, i)
@@ -154,18 +192,19 @@ def load_cache(folder: Path, *, with_hidden: bool = True, skip: tuple[str, ...] 
             ids = json.loads(f.metadata()["ids"])
             if ids != manifest["ids"][i * size : (i + 1) * size]:
                 raise ProbekdError(f"shard {path} holds other example ids than its manifest says; re-extract")
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if (not with_hidden and name.startswith("hidden")) or name in skip:
-                    continue
-                t = f.get_tensor(name)
-                parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
+            names = set(f.keys())
+            states = names if i == 0 else states & names
+            for name in sorted(names):
+                if not name.startswith("hidden"):
+                    t = f.get_tensor(name)
+                    parts.setdefault(name, []).append(t.float().numpy() if t.is_floating_point() else t.numpy())
     cat = {k: np.concatenate(v) for k, v in parts.items()}
     return TeacherCache(
         manifest,
         list(manifest["ids"]),
-        cat.get("hidden", np.empty((0,), dtype=np.float32)),
         cat["scores"],
         cat["mask"].astype(bool),
         cat["answers"],
-        cat.get("hidden_mean"),
+        folder=folder,
+        states=tuple(sorted(n for n in states if n.startswith("hidden"))),
     )

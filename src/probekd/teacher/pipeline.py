@@ -215,7 +215,7 @@ def extract_split(
     r.barrier()  # every rank's shards are there
     seconds = time.perf_counter() - t0
     computed = sum(len(examples[i * size : (i + 1) * size]) for i in missing)
-    loaded = tcache.load_cache(out, with_hidden=False)
+    loaded = tcache.load_cache(out)
     summary = {
         "n": len(examples),
         "computed": computed,
