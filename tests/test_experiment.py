@@ -723,3 +723,37 @@ def test_selection_axis_labels_other_questions_at_the_same_budget(
     assert prune_kept(run, best) == []  # one seed per (signal, fraction, loss, weighting, selection)
     rows = list(csv.DictReader((run / "report" / "results.csv").read_text().splitlines()))
     assert sorted(r["selection"] for r in rows) == ["pcoreset", "pcoreset", "random", "random"]
+
+
+def test_hidden_match_trains_on_the_probes_layer_and_keeps_the_plain_encoder(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`train.hidden_match`: each training row carries the teacher's state at the probe's chosen (feature, layer),
+    standardized over the training split's options; the kept student is the plain encoder (no projection); without
+    the teacher caches (a students-only copy of the run) the cell is refused naming the folder."""
+    from safetensors import safe_open
+
+    from probekd.experiment import matched_states
+    from probekd.student.hidden_match import PROJECTION, standardize_states
+    from probekd.teacher.cache import load_cache
+
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], seeds=[0], signals=["probe"])
+    base["train"] |= {"hidden_match": 0.5, "hidden_match_loss": "mi_alpha"}
+    cfg = load_config(None, base=base)
+    run = tmp_path / "hm"
+    [metrics] = run_experiment(cfg, run)
+    assert metrics["cell"] == "probe-f1-s0" and 0 <= metrics["accuracy"] <= 1
+    summary = json.loads((run / "probes" / "summary.json").read_text())
+    cache = load_cache(run / "teacher" / "train")
+    name = "hidden_mean" if summary["chosen_feature"] == "mean" else "hidden"
+    want = standardize_states(cache.layer_states(name, [cache.layers.index(summary["chosen_layer"])])[0], cache.mask)
+    rows = np.array([3, 0, 7])
+    np.testing.assert_array_equal(matched_states(run, rows, cache.mask.shape[1])[:, : want.shape[1]], want[rows])
+    for f in (run / "students" / "probe-f1-s0" / "model").glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert not [k for k in st.keys() if PROJECTION in k]  # noqa: SIM118
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("shard-*", "students"))
+    shutil.rmtree(copy / "teacher")
+    with pytest.raises(ProbekdError, match=r"reads the teacher's states of the training split from .*teacher/train"):
+        run_experiment(cfg, copy, stage="students")

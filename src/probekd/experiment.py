@@ -388,11 +388,35 @@ def run_cell(
 
 
 def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: np.ndarray, gold: np.ndarray,
-          soft: np.ndarray | None = None) -> Any:  # fmt: skip
+          soft: np.ndarray | None = None, teacher_states: np.ndarray | None = None) -> Any:  # fmt: skip
     """The student's encoded inputs of questions `ids` (`probekd.student.train.Rows`)."""
     from probekd.student.train import Rows
 
-    return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft)
+    return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states)
+
+
+def matched_states(run: Path, rows_idx: np.ndarray, kmax: int) -> np.ndarray:
+    """For hidden-state matching (`train.hidden_match`): the teacher's states at the probe's chosen (feature, layer)
+    of training rows `rows_idx` [n, kmax, H], standardized over the training split's present options. Read from
+    RUN/teacher/train/ (one layer of it)."""
+    from probekd.student.hidden_match import standardize_states
+    from probekd.teacher.cache import load_cache
+
+    folder = run / "teacher" / "train"
+    if not (folder / "manifest.json").exists():
+        raise ProbekdError(f"train.hidden_match reads the teacher's states of the training split from {folder}, "
+                           "which is not here; train these students where the teacher caches are")  # fmt: skip
+    cache = load_cache(folder)
+    if cache.manifest["formulation"] != "option":
+        raise ProbekdError("train.hidden_match matches the bi-encoder's option embeddings to the teacher's option "
+                           "states: it needs an `option`-formulation cache (extract.formulation: option)")  # fmt: skip
+    summary = json.loads((run / "probes" / "summary.json").read_text())
+    name = "hidden_mean" if summary["chosen_feature"] == "mean" else "hidden"
+    states = cache.layer_states(name, [cache.layers.index(summary["chosen_layer"])])[0]
+    states = standardize_states(states, cache.mask)
+    padded = np.zeros((len(cache.ids), kmax, states.shape[-1]), dtype=np.float32)
+    padded[:, : states.shape[1]] = states
+    return padded[rows_idx]
 
 
 def prepare_cell(
@@ -443,7 +467,8 @@ def prepare_cell(
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
     student = build_student(cfg.student, kmax, seed)
-    train_rows = _rows(student, examples["train"], ids, mask, gold, soft)
+    states = matched_states(run, rows_idx, kmax) if cfg.train_for(signal).hidden_match > 0 else None
+    train_rows = _rows(student, examples["train"], ids, mask, gold, soft, states)
     dev = caches["dev"]
     dev_idx = np.flatnonzero(dev_rows_used)
     dev_rows = _rows(student, examples["dev"], [dev.ids[i] for i in dev_idx], dev.padded_mask(kmax)[dev_idx],

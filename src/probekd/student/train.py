@@ -64,8 +64,13 @@ def distill_loss(
     return alpha * kd + (1 - alpha) * ce
 
 
+# what a row holds besides the student's model inputs (the loss reads them; the model never sees them)
+ROW_EXTRAS = ("targets", "weights", "labels", "teacher_states")
+
+
 class Rows(Dataset):
-    """Encoded examples with their targets [K], label and weight, as `Trainer` reads them."""
+    """Encoded examples with their targets [K], label and weight (and, for hidden-state matching, the teacher's
+    standardized states [K, H]), as `Trainer` reads them."""
 
     def __init__(
         self,
@@ -74,9 +79,14 @@ class Rows(Dataset):
         labels: np.ndarray,
         targets: np.ndarray | None = None,
         weights: np.ndarray | None = None,
+        teacher_states: np.ndarray | None = None,
     ) -> None:
         n = len(encoded)
-        if not (mask.shape[0] == labels.shape[0] == n) or (targets is not None and targets.shape != mask.shape):
+        if (
+            not (mask.shape[0] == labels.shape[0] == n)
+            or (targets is not None and targets.shape != mask.shape)
+            or (teacher_states is not None and teacher_states.shape[:2] != mask.shape)
+        ):
             raise ValueError(
                 f"rows: {n} encoded, mask {mask.shape}, labels {labels.shape}, "
                 f"targets {None if targets is None else targets.shape}"
@@ -93,6 +103,8 @@ class Rows(Dataset):
                 (targets[i] if targets is not None else np.zeros(mask.shape[1])).astype(np.float32)
             )
             row["weights"] = float(weights[i]) if weights is not None else 1.0
+            if teacher_states is not None:
+                row["teacher_states"] = torch.from_numpy(teacher_states[i])
             self.rows.append(row)
 
     def __len__(self) -> int:
@@ -133,9 +145,22 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.train_cfg = train_cfg
-        if train_cfg.mixup > 0 and scorer is not biencoder_logits:
-            raise ProbekdError("train.mixup mixes the bi-encoder's embeddings; it needs student.head: biencoder (an "
-                               "encoder student)")  # fmt: skip
+        for name, value in (("mixup", train_cfg.mixup), ("hidden_match", train_cfg.hidden_match)):
+            if value > 0 and scorer is not biencoder_logits:
+                raise ProbekdError(f"train.{name} works on the bi-encoder's embeddings; it needs student.head: "
+                                   "biencoder (an encoder student)")  # fmt: skip
+        if train_cfg.hidden_match > 0:
+            from probekd.student.hidden_match import attach_projection
+
+            if train_cfg.mixup > 0:
+                raise ProbekdError("train.mixup and train.hidden_match together are not supported: choose one")
+            rows = self.train_dataset.rows if isinstance(self.train_dataset, Rows) else []
+            if not rows or "teacher_states" not in rows[0]:
+                raise ProbekdError("train.hidden_match needs the teacher's states in the training rows "
+                                   "(Rows(..., teacher_states=...))")  # fmt: skip
+            width = self.model.config.hidden_size
+            device = next(self.model.parameters()).device
+            attach_projection(self.model, width, rows[0]["teacher_states"].shape[-1]).to(device)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -143,6 +168,7 @@ class DistillTrainer(Trainer):
         targets = inputs.pop("targets")
         weights = inputs.pop("weights")
         labels = inputs.pop("labels")
+        teacher_states = inputs.pop("teacher_states", None)
         cfg = self.train_cfg
         kw = dict(loss=cfg.loss_at(self.state.global_step, self.state.max_steps), alpha=cfg.alpha,
                   temperature=cfg.temperature, **cfg.loss_options)  # fmt: skip
@@ -158,11 +184,25 @@ class DistillTrainer(Trainer):
             per = mix(distill_loss(logits, targets, labels, inputs["option_mask"], **kw),
                       distill_loss(logits, targets[perm], labels[perm], inputs["option_mask"], **kw), lam)  # fmt: skip
             weights = mix(weights.float(), weights.float()[perm], lam)
+        elif cfg.hidden_match > 0 and model.training and teacher_states is not None:
+            from probekd.student.heads import biencoder_embeddings, biencoder_scores
+            from probekd.student.hidden_match import PROJECTION, match_loss
+
+            q, o = biencoder_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["option_ids"],
+                                        inputs["option_attention"])  # fmt: skip
+            logits = biencoder_scores(model, q, o, inputs["option_mask"])
+            per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
+            projected = getattr(self.model, PROJECTION)(o)
+            k = min(projected.shape[1], teacher_states.shape[1])  # the batch's options, padded to the run's widest
+            match = match_loss(cfg.hidden_match_loss, projected[:, :k], teacher_states[:, :k],
+                               inputs["option_mask"][:, :k], cfg.hidden_match_alpha)  # fmt: skip
         else:
             logits = self.scorer(model, **inputs)
             per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
         n = len(per) * self.args.gradient_accumulation_steps
         value = (weights.float() * per).sum() / n
+        if cfg.hidden_match > 0 and model.training and teacher_states is not None:
+            value = value + cfg.hidden_match * match / self.args.gradient_accumulation_steps
         return (value, {"logits": logits}) if return_outputs else value
 
     def get_train_dataloader(self) -> DataLoader:
@@ -351,6 +391,10 @@ def train_student(
     finally:
         trainer_log.removeFilter(notice)
     student.model = trainer.model  # the best epoch's weights (loaded into the same model object)
+    if cfg.hidden_match > 0:
+        from probekd.student.hidden_match import detach_projection
+
+        detach_projection(student.model)  # the deployed student is the plain encoder
     history = list(trainer.state.log_history)
     if weigher is not None:
         history += [{"weighting": st} for st in weigher.stats]
@@ -372,7 +416,7 @@ def predict(student: Student, rows: Rows, batch_size: int = 32, *, progress: boo
     bar = tqdm(total=len(order), desc="predict", unit="question", disable=None if progress else True, leave=False)
     for s in range(0, len(order), batch_size):
         batch = student.collate([rows[i] for i in order[s : s + batch_size]])
-        inputs = {k: v.to(device) for k, v in batch.items() if k not in ("targets", "weights", "labels")}
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ROW_EXTRAS}
         out.append(torch.softmax(student.logits(inputs).float(), -1).cpu())
         bar.update(len(out[-1]))
     bar.close()

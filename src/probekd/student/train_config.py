@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,6 +70,20 @@ class TrainConfig(BaseModel):
         ge=0,
         description="Mixup in the bi-encoder's embedding space (`probekd.student.mixup`): the Beta(a, a) parameter of "
         "the mixing weight, drawn once per batch; 0 = off. Only with `student.head: biencoder`.",
+    )
+    hidden_match: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the hidden-state matching term (`probekd.student.hidden_match`): the bi-encoder's "
+        "option embeddings, through a learned projection, matched to the teacher's cached states at the probe's "
+        "chosen layer; 0 = off. Only with `student.head: biencoder`, and where RUN/teacher/train/ is.",
+    )
+    hidden_match_loss: Literal["mse", "cosine", "mi_alpha"] = Field(
+        "mse", description="The matching term: `mse`, `cosine` (1 - cosine), or `mi_alpha` (minus Poole et al.'s "
+        "interpolated MI bound, Distiller's MI-alpha)."
+    )  # fmt: skip
+    hidden_match_alpha: float = Field(
+        0.5, ge=0, le=1, description="`mi_alpha`'s interpolation: 1 = leave-one-out InfoNCE, 0 = NWJ."
     )
     bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # type: ignore[arg-type]
