@@ -757,3 +757,16 @@ def test_hidden_match_trains_on_the_probes_layer_and_keeps_the_plain_encoder(
     shutil.rmtree(copy / "teacher")
     with pytest.raises(ProbekdError, match=r"reads the teacher's states of the training split from .*teacher/train"):
         run_experiment(cfg, copy, stage="students")
+
+
+def test_influence_is_a_value_of_the_weighting_axis(tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """`grid.weightings: [none, influence]` (KD-AIF): its own cell, weights from the cell's dev rows, logged like
+    PACED's, and the report compares it with the unweighted student."""
+    grid = {"fractions": [1.0], "seeds": [0], "signals": ["probe"], "weightings": ["none", "influence"]}
+    run = tmp_path / "influence"
+    results = {r["cell"]: r for r in run_experiment(load_config(None, base=tiny_config(tiny_llama_dir, tiny_bert_dir,
+                                                                                        **grid)), run)}  # fmt: skip
+    assert sorted(results) == ["probe-f1-s0", "probe-f1-s0-fkl-influence"]
+    stats = results["probe-f1-s0-fkl-influence"]["weights"][0]
+    assert stats["step"] == 0 and stats["n"] == 40 and 0 < stats["ess_share"] < 1
+    assert "| 1 | Probe-KD · fkl · influence |" in write_report(run).read_text()

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from probekd.errors import ProbekdError
 
-Scheme = Literal["none", "paced", "hard_filter"]
+Scheme = Literal["none", "paced", "hard_filter", "influence"]
 
 
 class WeightingConfig(BaseModel):
@@ -29,7 +29,11 @@ class WeightingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    scheme: Scheme = Field("none", description="`none`, `paced` (p^alpha (1-p)^beta), or `hard_filter` (0 < p < 1).")
+    scheme: Scheme = Field(
+        "none",
+        description="`none`, `paced` (p^alpha (1-p)^beta), `hard_filter` (0 < p < 1), or `influence` (KD-AIF: "
+        "sigmoid of each row's first-order influence on the dev loss, `probekd.student.influence`).",
+    )
     alpha: float = Field(1.0, ge=0, description="PACED exponent of p.")
     beta: float = Field(1.0, ge=0, description="PACED exponent of 1 - p.")
     pass_rate: Literal["exact", "sampled"] = Field(
@@ -47,6 +51,9 @@ class WeightingConfig(BaseModel):
         "head knows nothing); 0: computed from the student as it starts.",
     )
     refresh_epochs: float = Field(0.0, ge=0, description="Recompute pass rates every this many epochs; 0: once.")
+    influence_scale: float = Field(
+        1.0, gt=0, description="`influence`: kappa in sigmoid(kappa * s / std(s)); larger = weights further apart."
+    )
 
 
 def paced_weights(p: np.ndarray, alpha: float = 1.0, beta: float = 1.0) -> np.ndarray:
@@ -102,8 +109,23 @@ def scheme_weights(cfg: WeightingConfig, p: np.ndarray) -> np.ndarray:
     return np.ones_like(p, dtype=np.float64)
 
 
+def influence_weights(scores: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """KD-AIF's weights from influence scores s (positive: the row's gradient lowers the dev loss):
+    sigmoid(scale * s / std(s)), normalized to mean 1; all 1 when the scores do not vary."""
+    s = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(s).all():
+        raise ProbekdError("influence scores must be finite")
+    sd = s.std()
+    if sd == 0:
+        return np.ones_like(s)
+    return normalize(1.0 / (1.0 + np.exp(-scale * s / sd)))
+
+
 def weights_for(cfg: WeightingConfig, probs: np.ndarray, gold: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Normalized weights of `cfg` from the student's probabilities and the gold (or pseudo-gold) options."""
+    """Normalized weights of `cfg` from the student's probabilities and the gold (or pseudo-gold) options (not for
+    `influence`, whose weights come from gradients: `influence_weights`)."""
+    if cfg.scheme == "influence":
+        raise ProbekdError("influence weights come from the student's gradients, not its probabilities")
     if cfg.scheme == "none":
         return np.ones(len(gold))
     return normalize(scheme_weights(cfg, pass_rates(probs, gold, cfg.pass_rate, cfg.samples, seed)))

@@ -145,6 +145,14 @@ class GenerativeGrid(BaseModel):
             SequenceTrainConfig(loss=loss)
         return v
 
+    @field_validator("weightings")
+    @classmethod
+    def _pass_rate_weightings(cls, v: list[Scheme]) -> list[Scheme]:
+        if "influence" in v:
+            raise ValueError("the influence weighting (KD-AIF) is for multiple-choice students; a generative grid "
+                             "weights by pass rates: none, paced or hard_filter")  # fmt: skip
+        return v
+
     @model_validator(mode="after")
     def _unweighted_are_losses(self) -> GenerativeGrid:
         stray = [x for x in self.unweighted_losses if x not in self.losses]

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from probekd.atomic import write_json
 from probekd.errors import ProbekdError
-from probekd.weighting import WeightingConfig, weight_stats, weights_for
+from probekd.weighting import WeightingConfig, influence_weights, weight_stats, weights_for
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class PassRateWeights(TrainerCallback):
     checkpoint is past the warm-up but has no saved weights).
 
     `rows` holds dicts with `labels` (-1 unlabelled: the argmax of `targets` stands in) and `weights`;
-    `probabilities()` gives the student's current option probabilities on them [N, K]."""
+    `probabilities()` gives the student's current option probabilities on them [N, K]; `influence(step)` the rows'
+    influence scores (scheme `influence`, KD-AIF: the weights come from them, the pass rates are only logged)."""
 
     def __init__(
         self,
@@ -43,9 +44,13 @@ class PassRateWeights(TrainerCallback):
         cfg: WeightingConfig,
         steps_per_epoch: int,
         seed: int,
+        influence: Callable[[int], np.ndarray] | None = None,
     ) -> None:
+        if cfg.scheme == "influence" and influence is None:
+            raise ProbekdError("the influence weighting needs the rows' influence scores")
         self.rows = rows
         self.probabilities = probabilities
+        self.influence = influence
         self.cfg = cfg
         self.seed = seed
         self.warmup = round(cfg.warmup_epochs * steps_per_epoch)  # optimizer steps before the first weights
@@ -58,7 +63,10 @@ class PassRateWeights(TrainerCallback):
         rows = self.rows
         gold = np.array([r["labels"] if r["labels"] >= 0 else int(np.argmax(r["targets"].numpy())) for r in rows])
         probs = self.probabilities()
-        return weights_for(self.cfg, probs, gold, self.seed + step), probs[np.arange(len(gold)), gold]
+        p = probs[np.arange(len(gold)), gold]
+        if self.influence is not None and self.cfg.scheme == "influence":
+            return influence_weights(self.influence(step), self.cfg.influence_scale), p
+        return weights_for(self.cfg, probs, gold, self.seed + step), p
 
     def _update(self, model: Any, step: int) -> None:
         was_training = model.training

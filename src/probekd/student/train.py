@@ -364,12 +364,14 @@ def train_student(
     )
     weigher = None
     if cfg.weighting.scheme != "none":
+        max_steps = math.ceil(cfg.epochs * _steps_per_epoch(train_rows, cfg))
         weigher = PassRateWeights(
             train_rows.rows,
             lambda: predict(student, train_rows, cfg.eval_batch_size),
             cfg.weighting,
             _steps_per_epoch(train_rows, cfg),
             seed,
+            influence=lambda step: influence_scores(student, train_rows, dev_rows, cfg, cfg.loss_at(step, max_steps)),
         )
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
@@ -400,6 +402,50 @@ def train_student(
         history += [{"weighting": st} for st in weigher.stats]
     shutil.rmtree(out_dir, ignore_errors=True)
     return history
+
+
+def influence_scores(student: Student, train_rows: Rows, dev_rows: Rows, cfg: TrainConfig, loss: str) -> np.ndarray:
+    """KD-AIF's first-order influence of each training row on the dev loss [N], in row order: <grad L_dev,
+    grad l_i> on the student's last gradient-receiving linear layer (`probekd.student.influence`), with l_i the
+    row's distillation loss (`loss`, the trainer's settings) and L_dev the mean gold cross-entropy on dev."""
+    from probekd.student.influence import gradient_dots, influential_layer, layer_gradient
+
+    if dev_rows is None or len(dev_rows) == 0:
+        raise ProbekdError("the influence weighting measures each row's effect on the dev loss: it needs dev rows")
+    model = student.model
+    was_training = model.training
+    model.eval()  # no dropout: the same gradients at every call
+    kw = dict(loss=loss, alpha=cfg.alpha, temperature=cfg.temperature, **cfg.loss_options)
+
+    def logits(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return student.scorer(m, **{k: v for k, v in batch.items() if k not in ROW_EXTRAS})
+
+    def train_loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distill_loss(logits(m, batch), batch["targets"], batch["labels"], batch["option_mask"], **kw)
+
+    def dev_loss(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logp = masked_log_softmax(logits(m, batch), batch["option_mask"], 1.0)
+        return -logp.gather(-1, batch["labels"].clamp_min(0)[:, None])[:, 0]
+
+    device = next(model.parameters()).device
+    size = cfg.eval_batch_size
+
+    def batches(rows: Rows, order: list[int]) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(device) for k, v in student.collate([rows[i] for i in order[s : s + size]]).items()}
+                for s in range(0, len(order), size)]  # fmt: skip
+
+    dev_order = [i for i in dev_rows.longest_first() if dev_rows[i]["labels"] >= 0]
+    train_order = train_rows.longest_first()
+    train_batches = batches(train_rows, train_order)
+    try:
+        layer = influential_layer(model, train_loss, train_batches[0])
+        direction = layer_gradient(model, layer, dev_loss, batches(dev_rows, dev_order))
+        dots = torch.cat([gradient_dots(model, layer, train_loss, b, direction) for b in train_batches])
+    finally:
+        model.train(was_training)
+    out = np.empty(len(train_order))
+    out[train_order] = dots.numpy()
+    return out
 
 
 @torch.inference_mode()
