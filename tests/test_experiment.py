@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -770,3 +771,40 @@ def test_influence_is_a_value_of_the_weighting_axis(tiny_llama_dir: Path, tiny_b
     stats = results["probe-f1-s0-fkl-influence"]["weights"][0]
     assert stats["step"] == 0 and stats["n"] == 40 and 0 < stats["ess_share"] < 1
     assert "| 1 | Probe-KD · fkl · influence |" in write_report(run).read_text()
+
+
+def test_students_under_torchrun_train_together_and_rank_0_writes(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`torchrun --nproc_per_node 2 -m probekd run CONFIG --stage students` (gloo on CPU): both ranks train each
+    student together (DDP, each taking half of every optimizer step's rows, so a student takes as many steps as on
+    one process); rank 0 alone writes (each logged step once, no checkpoints left); a finished cell is skipped by
+    both; `--workers` under a launcher is refused."""
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], seeds=[0], signals=["hard", "probe"])
+    base["train"] |= {"epochs": 2}
+    run = tmp_path / "ddp"
+    run_experiment(load_config(None, base=base), run, stage="targets")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(base))
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
+                "probekd", "run", str(path), "--out", str(run), "--stage", "students"]  # fmt: skip
+    proc = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cell in ("hard-f1-s0", "probe-f1-s0"):
+        metrics = json.loads((run / "students" / cell / "metrics.json").read_text())
+        assert metrics["processes"] == 2 and 0 <= metrics["accuracy"] <= 1
+        assert sorted(p.name for p in (run / "students" / cell).iterdir()) == ["metrics.json", "model",
+                                                                               "test_probs.npy"]  # fmt: skip
+        logged = [json.loads(line) for line in (run / "logs" / f"{cell}.jsonl").read_text().splitlines()]
+        loss_steps = [e["step"] for e in logged if "loss" in e]
+        assert loss_steps == sorted(set(loss_steps))  # each step logged once: rank 1 writes no log
+        assert logged[-1]["step"] == 2 * 5  # 40 rows, 8 per optimizer step (4 per rank), 2 epochs: as on one process
+    (run / "students" / "hard-f1-s0" / "metrics.json").unlink()
+    before = (run / "students" / "probe-f1-s0" / "metrics.json").read_text()
+    again = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "students" / "hard-f1-s0" / "metrics.json").is_file()
+    assert (run / "students" / "probe-f1-s0" / "metrics.json").read_text() == before  # skipped by both ranks
+    refused = subprocess.run([*torchrun, "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "use one or the other" in refused.stderr

@@ -441,12 +441,12 @@ def test_a_teacher_loaded_with_device_map_auto_extracts_the_same(teacher, tiny_l
 
 
 @pytest.mark.slow
-def test_probekd_run_under_torchrun_shares_the_extraction_then_trains_as_one_process(
+def test_probekd_run_under_torchrun_shares_the_extraction_and_the_students(
     tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    """`torchrun --nproc_per_node 2 -m probekd run CONFIG`: both ranks extract, then rank 0 alone (out of the
-    process group, launcher variables gone) fits the probes and trains the grid; `--stage students` under a
-    launcher is refused."""
+    """`torchrun --nproc_per_node 2 -m probekd run CONFIG`: both ranks extract, rank 0 alone fits the probes and
+    makes the targets while the other waits, then both train each student together (DDP) and rank 0 reports;
+    a rerun finds everything done."""
     import yaml
 
     cfg = {"name": "tiny", "task": "arc_easy", "teacher": str(tiny_llama_dir),
@@ -467,6 +467,9 @@ def test_probekd_run_under_torchrun_shares_the_extraction_then_trains_as_one_pro
     assert sorted(p.name for p in (out / "students").iterdir()) == ["hard-f1-s0", "probe-f1-s0"]
     assert (out / "report" / "report.md").is_file()
     assert json.loads((out / "teacher" / "train" / "summary.json").read_text())["processes"] == 2
-    again = subprocess.run([*torchrun, "run", str(path), "--out", str(out), "--stage", "students"],
-                           capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert again.returncode != 0 and "--workers N" in again.stderr
+    assert json.loads((out / "students" / "probe-f1-s0" / "metrics.json").read_text())["processes"] == 2
+    before = (out / "students" / "probe-f1-s0" / "metrics.json").read_text()
+    again = subprocess.run([*torchrun, "run", str(path), "--out", str(out)], capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "students" / "probe-f1-s0" / "metrics.json").read_text() == before

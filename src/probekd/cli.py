@@ -302,7 +302,7 @@ def _run_and_report(
     from probekd.report.report import terminal_table, write_report
 
     run_experiment(cfg, out, overwrite=overwrite, stage=stage, workers=workers, shard=shard)
-    if not ranks().main:  # a launcher's other ranks shared the extraction only
+    if not ranks().main:  # a launcher's other ranks trained with rank 0; it reports
         return
     if stage == "targets":
         typer.echo(f"targets of {len(list((out / 'targets').glob('*-s*.npz')))} grid cells under {out / 'targets'}")

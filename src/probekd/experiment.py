@@ -46,7 +46,7 @@ from probekd.layout import (
 )
 from probekd.probes.pipeline import load_inputs, run_probes
 from probekd.probes.select import chosen_label
-from probekd.ranks import leave, ranks
+from probekd.ranks import ranks
 from probekd.selection import pcoreset_subset
 from probekd.student.kept import KeptManifest, KeptMetrics, save_kept
 from probekd.targets import SoftTargets, dev_subset, labelled_subset, signal_targets
@@ -343,8 +343,10 @@ def run_cell(
         log_file=log_path(run, name), description=f"student {name}",
     )  # fmt: skip
     adapter = out / ".adapter-partial"  # the LoRA adapter alone, moved into the kept folder
-    shutil.rmtree(adapter, ignore_errors=True)
-    student.merge_lora(adapter if cfg.grid.keep_students != "none" else None)
+    writes = ranks().main  # under a launcher: rank 0 writes
+    if writes:
+        shutil.rmtree(adapter, ignore_errors=True)
+    student.merge_lora(adapter if cfg.grid.keep_students != "none" and writes else None)
     # the test predictions come from the merged weights the kept folder holds, so `probekd predict` on it agrees
     probs = predict(student, test_rows, cfg.train.eval_batch_size)
     others = {"teacher": test.teacher_predictions(), "probe": probe_test}
@@ -374,9 +376,12 @@ def run_cell(
             "train": train_cfg.model_dump(mode="json", include={"epochs", "batch_size", *TUNED_FIELDS}),
             "targets": info["targets_meta"],
             "config_fingerprint": fingerprint({k: cfg.model_dump(mode="json")[k] for k in _FIXED_SECTIONS}),
+            "processes": ranks().world,  # the ranks that trained it together (DDP under a launcher)
             "seconds": round(time.perf_counter() - t0, 1),
         }
     )
+    if not writes:
+        return metrics
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "test_probs.npy", probs)
     if cfg.grid.keep_students != "none":
@@ -609,7 +614,8 @@ def run_experiment(
     can run on another machine: copy the run directory without `teacher/*/shard-*`). The students are trained by
     `workers` processes sharing the grid, or only shard (i, n) of it (`probekd.workers`): each cell under a lock,
     so processes on one run folder never train the same cell. Under a launcher (`torchrun`), the ranks share the
-    teacher's extraction and rank 0 alone does the rest (the others return an empty list)."""
+    teacher's extraction, rank 0 alone fits the probes and makes the targets, and then every rank trains each
+    student together (DDP, `train_cells`), rank 0 writing."""
     if stage not in ("all", "targets", "students"):
         raise ProbekdError(f"unknown stage {stage!r}; known: all, targets, students")
     if workers < 1:
@@ -617,25 +623,22 @@ def run_experiment(
     if stage == "targets" and (workers > 1 or shard is not None):
         raise ProbekdError("--workers and --shard split the student grid; --stage targets trains no student")
     r = ranks()
-    if r.world > 1 and stage == "students":
-        raise ProbekdError("under a launcher (torchrun) only the teacher's extraction is shared between ranks; train "
-                           "the students with `probekd run ... --stage students --workers N` instead")  # fmt: skip
+    if r.world > 1 and (workers > 1 or shard is not None):
+        raise ProbekdError("under a launcher (torchrun) the ranks train each student together (DDP); --workers and "
+                           "--shard split the grid between independent processes: use one or the other")  # fmt: skip
     if stage != "students":
         # concurrent --shard jobs: one does the targets stage, the others then find it done (a launcher's ranks
-        # share it instead, meeting at barriers: no lock there)
+        # share the extraction, meeting at barriers, and rank 0 does the rest: no lock there)
         with held(run, "targets") if r.world == 1 else contextlib.nullcontext():
             prepare_targets(cfg, run, overwrite=overwrite)
-        if r.world > 1:  # under a launcher the ranks shared the extraction; rank 0 alone goes on, as one process
-            if not r.main:
-                return []
-            leave()
         if stage == "targets":
             return []
     elif overwrite:
         raise ProbekdError("--overwrite with --stage students would delete the targets that stage needs")
-    else:
+    elif r.main:
         with held(run, "targets"):
             check_run_dir(run, cfg)
+    r.barrier()  # under a launcher the other ranks wait here for rank 0's probes and targets
     cells = shard_cells(cfg.cells(), shard)
     if workers == 1:
         return train_cells(cfg, run, cells)
@@ -646,18 +649,29 @@ def run_experiment(
 
 def train_cells(cfg: RunConfig, run: Path, cells: list[Cell]) -> list[dict[str, Any]]:
     """Train and evaluate `cells` of a run whose targets are there, each under its claim (`probekd.workers`: a cell
-    another process holds is left to it, or taken over when that process dies); returns their metrics in order."""
+    another process holds is left to it, or taken over when that process dies); returns their metrics in order.
+    Under a launcher every rank goes through the cells in order and trains each one with the others (DDP): no
+    claims, a cell finished before is skipped by all, rank 0 writes."""
     caches = load_answers(run)
     examples = examples_by_id(cfg)
     with np.load(run / "probes" / "test.npz") as z:
         probe_test = z["probs"].argmax(1)
     position = {c.name: n for n, c in enumerate(cells, 1)}
+    r = ranks()
 
     def train(cell: Cell) -> dict[str, Any]:
         log.info("grid cell %d/%d: %s", position[cell.name], len(cells), cell.name)
         metrics = run_cell(run, cfg, cell, caches, examples, probe_test)
-        with held(run, "prune"):
-            prune_kept(run, cfg)
+        if r.main:
+            with held(run, "prune"):
+                prune_kept(run, cfg)
         return metrics
 
+    if r.world > 1:
+        done = []
+        for cell in cells:
+            r.barrier()  # every rank sees the same finished cells
+            done.append(train(cell))
+        r.barrier()
+        return done
     return work_through(run, cells, train)

@@ -3,8 +3,9 @@ a barrier.
 
 The launchers set RANK, WORLD_SIZE and LOCAL_RANK; without them a process is rank 0 of 1 and nothing here does
 anything. `probekd extract` uses it to split a cache's shards between ranks (each writes its own shard files, so
-ranks need no communication but a barrier before the cache is read whole); the process group (gloo on CPU, NCCL
-with CUDA) is started on first use.
+ranks need no communication but a barrier before the cache is read whole); `probekd run` then trains each student
+on all ranks together (DDP through `Trainer`, rank 0 writing). The process group (gloo on CPU, NCCL with CUDA) is
+started on first use.
 """
 
 from __future__ import annotations
@@ -64,9 +65,17 @@ def leave() -> None:
         os.environ.pop(name, None)
 
 
+# How long a rank waits at a barrier: `probekd run` under a launcher has rank 0 fit the probes and make the targets
+# alone while the others wait for the students (hours on a CPU for a large cache), not torch's 10-30 minutes.
+BARRIER_TIMEOUT_HOURS = 24
+
+
 def _init_group() -> None:
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=BARRIER_TIMEOUT_HOURS))

@@ -86,7 +86,9 @@ def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tenso
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper, or the model itself."""
+    """The transformers model under a DistributedDataParallel and/or peft wrapper, or the model itself."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

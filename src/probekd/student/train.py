@@ -34,7 +34,7 @@ from probekd import losses
 from probekd.errors import ProbekdError
 from probekd.losses.common import masked_log_softmax
 from probekd.student.callbacks import WEIGHTS_FILE, JsonlLog, PassRateWeights, StudentProgress
-from probekd.student.heads import Scorer, Student
+from probekd.student.heads import Scorer, Student, biencoder_logits
 from probekd.student.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,6 @@ class DistillTrainer(Trainer):
     loss_is_scaled_for_ga = True  # our loss is divided by the step's example count, see the module docstring
 
     def __init__(self, *args: Any, scorer: Scorer, train_cfg: TrainConfig, **kwargs: Any) -> None:
-        from probekd.student.heads import biencoder_logits
-
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.train_cfg = train_cfg
@@ -288,14 +286,18 @@ def make_trainer(
     """The `Trainer` of one student: evaluation and checkpoint each epoch, the best dev accuracy kept at the end
     (when `dev_rows` is given); a progress bar named `description`, per-step logs to `log_file` (JSON lines) and
     the trackers of `cfg.report_to` (TensorBoard beside `log_file`). `overrides` go to `TrainingArguments`."""
-    if cfg.batch_size % cfg.grad_accum:
-        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum {cfg.grad_accum}")
+    from probekd.ranks import ranks
+
+    world = ranks().world  # under a launcher (DDP) each process takes its share of every optimizer step's rows
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum x processes "
+                         f"({cfg.grad_accum} x {world})")  # fmt: skip
     steps_per_epoch = _steps_per_epoch(train_rows, cfg)
     with_dev = dev_rows is not None
     report_to, trackers = _trackers(cfg, log_file.with_suffix("") if log_file is not None else None)
     kwargs: dict[str, Any] = {
         "output_dir": str(out_dir),
-        "per_device_train_batch_size": cfg.batch_size // cfg.grad_accum,
+        "per_device_train_batch_size": cfg.batch_size // (cfg.grad_accum * world),
         "per_device_eval_batch_size": cfg.eval_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "num_train_epochs": cfg.epochs,
@@ -320,6 +322,14 @@ def make_trainer(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
+    if world > 1 and student.scorer is biencoder_logits:
+        # DDP and the bi-encoder: the scale is used outside the model's forward and the encoder is called twice per
+        # step, so DDP must not look for unused parameters (it would mark the scale ready before its gradient);
+        # the pooler, which mean pooling never reads, is frozen so that every trained parameter gets a gradient
+        for name, param in student.model.named_parameters():
+            if "pooler" in name.split("."):
+                param.requires_grad_(False)
+        kwargs["ddp_find_unused_parameters"] = False
     kwargs.update(overrides)
     trainer = DistillTrainer(
         model=student.model,
@@ -393,6 +403,10 @@ def train_student(
     finally:
         trainer_log.removeFilter(notice)
     student.model = trainer.model  # the best epoch's weights (loaded into the same model object)
+    from probekd.ranks import ranks
+
+    r = ranks()
+    r.barrier()  # under a launcher: every rank has loaded the best epoch before rank 0 removes the checkpoints
     if cfg.hidden_match > 0:
         from probekd.student.hidden_match import detach_projection
 
@@ -400,7 +414,8 @@ def train_student(
     history = list(trainer.state.log_history)
     if weigher is not None:
         history += [{"weighting": st} for st in weigher.stats]
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if r.main:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return history
 
 
