@@ -4,13 +4,15 @@ Baseline (what a user writes): per layer, `StandardScaler` then `LogisticRegress
 same L2 grid (C = 1 / (l2 * n_fit)), the same folds, log-loss scoring, max_iter=100, tol=1e-4; then its
 validation accuracy (both sides pick the most probable option among those the question has). Ours:
 `probekd.probes.crossfit` as the probe stage runs it, which does more than the baseline: nested CV (each fold's
-L2 chosen without that fold), out-of-fold probabilities, and the full-data refit.
+L2 chosen without that fold), out-of-fold probabilities, and the full-data refit; with `--non-nested` the baseline's
+own semantics (one strength per layer from the outer CV; `probe.nested: false`).
 
 Features: the letter-formulation teacher cache of a run directory (`--run RUN`, train and dev), or, by default,
 synthetic features shaped like SmolLM2's (576 dims, a few outlier dimensions, signal that rises then falls with
 depth). The last line is `probes ratio: <sklearn seconds / probekd seconds>`.
 
     python bench/bench_probes.py --quick                     # < 1 minute, synthetic
+    python bench/bench_probes.py --non-nested                # the same work as the baseline
     python bench/bench_probes.py --run runs/arc_easy-smollm2-135m-instruct-letter
 """
 
@@ -70,6 +72,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="run directory with letter teacher caches (default: synthetic)")
     ap.add_argument("--layers-every", type=int, default=1, help="use every n-th cached layer")
     ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument(
+        "--non-nested",
+        action="store_true",
+        help="ours without the nested CV (`probe.nested: false`): the baseline's semantics and amount of work",
+    )
     args = ap.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.9's notices about LogisticRegressionCV
     warnings.filterwarnings("ignore", category=ConvergenceWarning)  # max_iter=100 on both sides, by design
@@ -98,11 +105,13 @@ def main() -> None:
         "multinomial",
         n_folds=args.folds,
         l2_grid=grid,
+        nested=not args.non_nested,
     )
     dev_logits = r.predict_logits(torch.from_numpy(Xdv), torch.from_numpy(mask_dv))  # absent options: -inf
     ours_acc = (dev_logits.argmax(-1).numpy() == ydv[None]).mean(1)
     t_ours = time.perf_counter() - t0
-    print(f"probekd: {t_ours:.1f} s ({r.not_converged} fits stopped before the gradient tolerance)")
+    mode = "non-nested CV" if args.non_nested else "nested CV"
+    print(f"probekd ({mode}): {t_ours:.1f} s ({r.not_converged} fits stopped before the gradient tolerance)")
 
     t0 = time.perf_counter()
     sk_acc = np.empty(G)

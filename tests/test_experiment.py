@@ -800,6 +800,17 @@ def test_students_under_torchrun_train_together_and_rank_0_writes(
         loss_steps = [e["step"] for e in logged if "loss" in e]
         assert loss_steps == sorted(set(loss_steps))  # each step logged once: rank 1 writes no log
         assert logged[-1]["step"] == 2 * 5  # 40 rows, 8 per optimizer step (4 per rank), 2 epochs: as on one process
+    # the loss has the one-process scale (a launcher-aware loss divided by the global count, or Trainer's token
+    # averaging, would halve or double it): the first logged loss of the same cell trained by one process
+    one = tmp_path / "one"
+    shutil.copytree(run, one, ignore=shutil.ignore_patterns("students", "logs", "locks"))
+    run_experiment(load_config(None, base=base), one, stage="students")
+
+    def first_loss(folder: Path) -> float:
+        lines = (folder / "logs" / "hard-f1-s0.jsonl").read_text().splitlines()
+        return next(json.loads(x)["loss"] for x in lines if "loss" in json.loads(x))
+
+    assert 0.75 < first_loss(run) / first_loss(one) < 1.33
     (run / "students" / "hard-f1-s0" / "metrics.json").unlink()
     before = (run / "students" / "probe-f1-s0" / "metrics.json").read_text()
     again = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)

@@ -164,6 +164,34 @@ def test_out_of_fold_logits_come_from_a_probe_fitted_on_the_other_folds() -> Non
     assert set(r.full_l2.tolist()) <= set(grid)
 
 
+def test_non_nested_crossfit_uses_the_outer_cv_strength_for_every_fold() -> None:
+    """`nested=False` (LogisticRegressionCV's semantics): the full model and its strength are the nested run's (the
+    same outer CV chooses it), every fold's out-of-fold probabilities use that one strength, and they come from a
+    probe fitted on the other folds at it (sklearn); the pair models are not fitted."""
+    X, y, mask, ids = _cf_data(masked=False)
+    grid = (1e-3, 1e-2, 1e-1)
+    kw = dict(n_folds=3, l2_grid=grid, max_iter=300, tol=1e-6)
+    nested = crossfit(X, y, mask, ids, "multinomial", **kw)
+    flat = crossfit(X, y, mask, ids, "multinomial", nested=False, **kw)
+    assert torch.equal(flat.full_l2, nested.full_l2)
+    torch.testing.assert_close(flat.full.coef, nested.full.coef, atol=1e-4, rtol=0)
+    assert torch.equal(flat.fold_l2, flat.full_l2[:, None].expand(-1, 3))
+    Xs = flat.standardizer.transform(X)
+    g = 1
+    for f in range(3):
+        train, held = flat.folds != f, flat.folds == f
+        ref = LogisticRegression(C=1 / (float(flat.full_l2[g]) * int(train.sum())), tol=1e-10, max_iter=5000)
+        ref.fit(Xs[g][train].numpy(), y[train].numpy())
+        expected = torch.tensor(ref.predict_proba(Xs[g][held].numpy()), dtype=torch.float32)
+        torch.testing.assert_close(torch.softmax(flat.train_logits[g, held], -1), expected, atol=2e-3, rtol=0)
+    # where the nested inner CV chose the full model's strength for a fold, both give that fold the same logits
+    for f in range(3):
+        same = nested.fold_l2[:, f] == nested.full_l2
+        held = torch.from_numpy(nested.folds == f)
+        torch.testing.assert_close(flat.train_logits[same][:, held], nested.train_logits[same][:, held], atol=1e-3,
+                                   rtol=0)  # fmt: skip
+
+
 def test_unlabelled_rows_get_the_full_model_and_count_nowhere() -> None:
     X, y, mask, ids = _cf_data()
     y_pool = y.clone()

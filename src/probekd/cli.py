@@ -276,6 +276,10 @@ def probe(
     l2_grid: Annotated[str | None, typer.Option(help="Comma-separated L2 strengths to choose from.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the fold assignment.")] = 0,
     max_iter: Annotated[int, typer.Option(help="L-BFGS iterations per probe at most.")] = 100,
+    nested: Annotated[
+        bool,
+        typer.Option(help="Nested CV for each fold's L2 (no leak); --no-nested: one L2 per layer, ~2.7x faster."),
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace probes made from other caches or settings.")] = False,
 ) -> None:
     """Fit one linear probe per layer (cross-fitted, L2 by nested CV), choose the layer on dev, calibrate, plot."""
@@ -284,7 +288,8 @@ def probe(
     from probekd.probes.pipeline import ProbeConfig, run_probes
 
     try:
-        fields: dict[str, Any] = {"feature": feature, "n_folds": folds, "seed": seed, "max_iter": max_iter}
+        fields: dict[str, Any] = {"feature": feature, "n_folds": folds, "seed": seed, "max_iter": max_iter,
+                                  "nested": nested}  # fmt: skip
         fields["layers"] = layers if layers == "all" else [int(x) for x in layers.split(",")]
         if l2_grid:
             fields["l2_grid"] = [float(x) for x in l2_grid.split(",")]

@@ -100,9 +100,14 @@ def crossfit(
     seed: int = 0,
     max_iter: int = 100,
     tol: float = 1e-4,
+    nested: bool = True,
 ) -> CrossfitResult:
     """Fit every layer's probes on the training rows. X [G, N, D] (multinomial) or [G, N, K, D] (conditional);
-    y [N] with -1 for unlabelled rows; mask [N, K]; ids [N] (they decide the folds)."""
+    y [N] with -1 for unlabelled rows; mask [N, K]; ids [N] (they decide the folds).
+
+    `nested=False` drops the pair models: every outer fold uses the strength the outer CV chose for the full model
+    (`LogisticRegressionCV`'s semantics), 6 of 16 fits per strength at 5 folds, at the price of a second-order leak
+    (the strength of a row's out-of-fold probability was chosen with that row's fold among the held-out ones)."""
     if n_folds < 3:
         raise ProbekdError(f"n_folds must be at least 3 for nested cross-validation, got {n_folds}")
     if not l2_grid or min(l2_grid) <= 0:
@@ -121,7 +126,7 @@ def crossfit(
     folds = np.full(N, -1, dtype=np.int64)
     folds[labelled] = fold_ids([i for i, lab in zip(ids, labelled, strict=True) if lab], n_folds, seed)
     F, C = n_folds, len(l2_grid)
-    pairs = list(itertools.combinations(range(F), 2))
+    pairs = list(itertools.combinations(range(F), 2)) if nested else []
     # Model m leaves out the folds left_out[m] (pairs, then single folds, then none = the full model); its
     # weights are uniform over the labelled rows it trains on.
     left_out: list[tuple[int, ...]] = [*pairs, *[(f,) for f in range(F)], ()]
@@ -145,25 +150,28 @@ def crossfit(
     logits = torch.stack([logits_batched(p, Xs, mask) for p in fitted], 2)  # [G, N, C, M, K]
     G = logits.shape[0]
     nll = held_out_nll(logits, y[None, :, None, None].expand(G, N, C, n_models))  # [G, N, C, M]
-    # Inner CV: for outer fold f and strength c, the mean held-out NLL of pair models on the other folds.
-    pair_index = {p: m for m, p in enumerate(pairs)}
-    inner = torch.zeros(G, F, C)
-    for f in range(F):
-        parts = []
-        for g in range(F):
-            if g == f:
-                continue
-            m = pair_index[(min(f, g), max(f, g))]
-            parts.append(nll[:, in_fold[g], :, m].mean(1))  # [G, C]
-        inner[:, f] = torch.stack(parts).mean(0)
-    best_c = inner.argmin(-1)  # [G, F]
+    outer = torch.stack([nll[:, in_fold[f], :, len(pairs) + f].mean(1) for f in range(F)]).mean(0)  # [G, C]
+    full_c = outer.argmin(-1)  # [G]
+    if nested:
+        # Inner CV: for outer fold f and strength c, the mean held-out NLL of pair models on the other folds.
+        pair_index = {p: m for m, p in enumerate(pairs)}
+        inner = torch.zeros(G, F, C)
+        for f in range(F):
+            parts = []
+            for g in range(F):
+                if g == f:
+                    continue
+                m = pair_index[(min(f, g), max(f, g))]
+                parts.append(nll[:, in_fold[g], :, m].mean(1))  # [G, C]
+            inner[:, f] = torch.stack(parts).mean(0)
+        best_c = inner.argmin(-1)  # [G, F]
+    else:
+        best_c = full_c[:, None].expand(G, F)
     train_logits = torch.empty(G, N, K)
     for f in range(F):
         m = len(pairs) + f
         chosen = logits[:, :, :, m][torch.arange(G), :, best_c[:, f]]  # [G, N, K]
         train_logits[:, in_fold[f]] = chosen[:, in_fold[f]]
-    outer = torch.stack([nll[:, in_fold[f], :, len(pairs) + f].mean(1) for f in range(F)]).mean(0)  # [G, C]
-    full_c = outer.argmin(-1)  # [G]
     full_m = n_models - 1
     full_logits = logits[:, :, :, full_m][torch.arange(G), :, full_c]  # [G, N, K]
     unl = torch.from_numpy(~labelled)

@@ -65,6 +65,12 @@ class ProbeConfig(BaseModel):
     seed: int = Field(0, description="Decides the folds (with the example ids).")
     max_iter: int = Field(100, ge=1, description="L-BFGS iterations per probe at most.")
     tol: float = Field(1e-4, gt=0, description="Stop when the gradient's max-norm is below this.")
+    nested: bool = Field(
+        True,
+        description="Nested CV: each fold's L2 strength chosen without that fold (no example's probability depends "
+        "on its own label). false: one strength per layer from the outer CV, as LogisticRegressionCV does, about "
+        "2.7x fewer fits at 5 folds, with a second-order leak.",
+    )
 
 
 def _splits(run: Path) -> dict[str, Path]:
@@ -218,6 +224,7 @@ def fit_layers(
             seed=cfg.seed,
             max_iter=cfg.max_iter,
             tol=cfg.tol,
+            nested=cfg.nested,
         )
         del X
         parts.append(res)
@@ -336,7 +343,10 @@ def probe_fingerprint(run: Path, cfg: ProbeConfig) -> str:
     """The fingerprint of the probe stage of run directory `run` under `cfg`: its teacher caches' and the settings'
     (read from the caches' manifests only)."""
     manifests = {s: json.loads((d / "manifest.json").read_text()) for s, d in _splits(run).items()}
-    return fingerprint({"teacher": {s: m["fingerprint"] for s, m in manifests.items()}, "config": cfg.model_dump()})
+    config = cfg.model_dump()
+    if config["nested"]:  # the default, and what every probe stage did before the option: their fingerprints hold
+        del config["nested"]
+    return fingerprint({"teacher": {s: m["fingerprint"] for s, m in manifests.items()}, "config": config})
 
 
 def _gain(layer_logits: torch.Tensor, c: TeacherCache) -> ProbeGain | None:
