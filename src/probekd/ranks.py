@@ -48,23 +48,6 @@ def ranks() -> Ranks:
     return Ranks(rank, world, local)
 
 
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
-                      "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")  # fmt: skip
-
-
-def leave() -> None:
-    """Stop being a rank: end the process group and remove the launcher's variables, so that what follows (the
-    probes, the targets, the students' `Trainer`) runs as one ordinary process and does not wait for ranks that
-    have gone."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    for name in LAUNCHER_VARIABLES:
-        os.environ.pop(name, None)
-
-
 # How long a rank waits at a barrier: `probekd run` under a launcher has rank 0 fit the probes and make the targets
 # alone while the others wait for the students (hours on a CPU for a large cache), not torch's 10-30 minutes.
 BARRIER_TIMEOUT_HOURS = 24
