@@ -750,6 +750,14 @@ def test_hidden_match_trains_on_the_probes_layer_and_keeps_the_plain_encoder(
     want = standardize_states(cache.layer_states(name, [cache.layers.index(summary["chosen_layer"])])[0], cache.mask)
     rows = np.array([3, 0, 7])
     np.testing.assert_array_equal(matched_states(run, rows, cache.mask.shape[1])[:, : want.shape[1]], want[rows])
+    # a cell's states: the layer its own labels' probe chose (its targets file), not the probe stage's
+    from probekd.config import Cell
+
+    meta = SoftTargets.load(run / "targets" / "probe-f1-s0.npz").meta
+    own = "hidden_mean" if meta["feature"] == "mean" else "hidden"
+    own_states = standardize_states(cache.layer_states(own, [cache.layers.index(meta["layer"])])[0], cache.mask)
+    got = matched_states(run, rows, cache.mask.shape[1], Cell("probe", 1.0, 0))
+    np.testing.assert_array_equal(got[:, : own_states.shape[1]], own_states[rows])
     for f in (run / "students" / "probe-f1-s0" / "model").glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             assert not [k for k in st.keys() if PROJECTION in k]  # noqa: SIM118

@@ -60,6 +60,9 @@ def test_mi_alpha_ends_are_nwj_and_leave_one_out_infonce() -> None:
                        for i in range(3)])  # fmt: skip
     infonce = (torch.diagonal(s)[:, None] - loo)[off].mean()
     assert float(hm.mi_alpha_bound(s, 1.0)) == pytest.approx(float(infonce), rel=1e-12)
+    # one entry dominating its row: the held-out log-mean-exp stays exact (no cancellation in sum - e^{s_ij})
+    big = 40 * torch.eye(3, dtype=torch.float64)
+    assert float(hm.mi_alpha_bound(big, 1.0)) == pytest.approx(_poole_by_hand(big.numpy(), 1.0), rel=1e-9)
     # a critic that tells the pairs apart scores higher than one that does not
     assert float(hm.mi_alpha_bound(5 * torch.eye(4), 0.5)) > float(hm.mi_alpha_bound(torch.zeros(4, 4), 0.5))
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):

@@ -391,3 +391,14 @@ def test_mixup_pairs_rows_of_the_same_options_and_mixes_embeddings_and_losses(
     cross = build_student(StudentConfig(model=str(tiny_bert_dir), head="cross"), k=4, seed=0)
     with pytest.raises(ProbekdError, match="train.mixup .* needs student.head: biencoder"):
         make_trainer(cross, rows_for(cross, exs, 4), None, TrainConfig(mixup=0.4), tmp_path / "cross", 0)
+
+
+def test_a_causal_student_is_refused_under_ddp(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Under a launcher (WORLD_SIZE > 1) a causal student is refused with what to do instead: its scorers call the
+    decoder's parts directly, so DDP would not synchronize its gradients."""
+    student = build_student(StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option",
+                                          prompt="base"), k=4, seed=0)  # fmt: skip
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ProbekdError, match="causal student does not train under DDP .* --workers N"):
+        make_trainer(student, rows_for(student, mammal_task(8), 4), None, TrainConfig(batch_size=8), tmp_path, 0)

@@ -85,15 +85,21 @@ def config_differences(
 def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
     """The student and training settings one grid cell's student is made with (those it does not read left out):
     `train` with the signal's tuned recipe (`train_by_signal`), the cell's loss and weighting scheme; `switch_at`
-    only under a two-stage loss, the weighting's other fields only when it is weighted."""
+    only under a two-stage loss, the weighting's other fields only when it is weighted (`influence_scale` only for
+    the influence weighting), the hidden-state matching fields only when it is on."""
     train = cfg.train_for(cell.signal).model_dump(mode="json")
     train["loss"] = cell.loss
     if ">" not in cell.loss:
         del train["switch_at"]
+    if not train["hidden_match"]:  # off: left out, as before the option existed (recorded fingerprints hold)
+        for k in ("hidden_match", "hidden_match_loss", "hidden_match_alpha"):
+            del train[k]
     if cell.weighting == "none":
         del train["weighting"]
     else:
         train["weighting"]["scheme"] = cell.weighting
+        if cell.weighting != "influence":
+            del train["weighting"]["influence_scale"]
     student = cfg.student.model_dump(mode="json")
     if student["kind"] != "encoder":  # the encoder head means nothing to a causal student
         del student["head"]
@@ -400,10 +406,11 @@ def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: n
     return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states)
 
 
-def matched_states(run: Path, rows_idx: np.ndarray, kmax: int) -> np.ndarray:
+def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None = None) -> np.ndarray:
     """For hidden-state matching (`train.hidden_match`): the teacher's states at the probe's chosen (feature, layer)
     of training rows `rows_idx` [n, kmax, H], standardized over the training split's present options. Read from
-    RUN/teacher/train/ (one layer of it)."""
+    RUN/teacher/train/ (one layer of it). The layer is the one the probe of `cell`'s labels chose (its targets file,
+    when the grid has the probe signal), so the cell's label budget holds; else the probe stage's (all labels)."""
     from probekd.student.hidden_match import standardize_states
     from probekd.teacher.cache import load_cache
 
@@ -416,8 +423,18 @@ def matched_states(run: Path, rows_idx: np.ndarray, kmax: int) -> np.ndarray:
         raise ProbekdError("train.hidden_match matches the bi-encoder's option embeddings to the teacher's option "
                            "states: it needs an `option`-formulation cache (extract.formulation: option)")  # fmt: skip
     summary = json.loads((run / "probes" / "summary.json").read_text())
-    name = "hidden_mean" if summary["chosen_feature"] == "mean" else "hidden"
-    states = cache.layer_states(name, [cache.layers.index(summary["chosen_layer"])])[0]
+    feature, layer = summary["chosen_feature"], summary["chosen_layer"]
+    probe = None
+    if cell is not None:
+        probe = targets_path(run, Cell("probe", cell.fraction, cell.seed, selection=cell.selection).targets_name)
+    if probe is not None and probe.exists():
+        meta = SoftTargets.load(probe).meta
+        feature, layer = meta.get("feature", feature), meta.get("layer", layer)
+    else:
+        log.warning("hidden_match: no probe targets for this cell's labels; matching the probe stage's layer %d "
+                    "(chosen with every label)", layer)  # fmt: skip
+    name = "hidden_mean" if feature == "mean" else "hidden"
+    states = cache.layer_states(name, [cache.layers.index(layer)])[0]
     states = standardize_states(states, cache.mask)
     padded = np.zeros((len(cache.ids), kmax, states.shape[-1]), dtype=np.float32)
     padded[:, : states.shape[1]] = states
@@ -472,7 +489,7 @@ def prepare_cell(
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
     student = build_student(cfg.student, kmax, seed)
-    states = matched_states(run, rows_idx, kmax) if cfg.train_for(signal).hidden_match > 0 else None
+    states = matched_states(run, rows_idx, kmax, cell) if cfg.train_for(signal).hidden_match > 0 else None
     train_rows = _rows(student, examples["train"], ids, mask, gold, soft, states)
     dev = caches["dev"]
     dev_idx = np.flatnonzero(dev_rows_used)

@@ -96,7 +96,7 @@ class PassRateWeights(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
+        if folder.is_dir() and state.is_world_process_zero:  # under a launcher: rank 0 writes (same weights on all)
             write_json(folder / WEIGHTS_FILE, {"weights": [row["weights"] for row in self.rows], "stats": self.stats})
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:

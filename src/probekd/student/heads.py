@@ -86,9 +86,7 @@ def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tenso
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a DistributedDataParallel and/or peft wrapper, or the model itself."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    """The transformers model under a peft wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -148,6 +146,8 @@ def biencoder_embeddings(
 def biencoder_scores(model: nn.Module, q: torch.Tensor, o: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
     """s * cos(q, o_k) [B, K] from the embeddings of `biencoder_embeddings` (or mixtures of them)."""
     cos = torch.nn.functional.cosine_similarity(q[:, None], o, dim=-1)
+    if isinstance(model, nn.parallel.DistributedDataParallel):  # under DDP: the scale is the wrapped model's
+        model = model.module  # (its gradient is still all-reduced: DDP hooks every parameter of the module)
     scale = getattr(base_model(model), LOGIT_SCALE).float().exp()
     return _pad_options(scale * cos, option_mask)
 

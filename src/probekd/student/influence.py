@@ -31,8 +31,8 @@ RowLoss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]  # (model
 
 
 def influential_layer(model: nn.Module, loss: RowLoss, batch: dict[str, torch.Tensor]) -> nn.Linear:
-    """The last `nn.Linear` called in the forward of `batch` whose output gets a nonzero gradient from the loss (a
-    pooler the loss never reads is skipped)."""
+    """The last trainable `nn.Linear` called in the forward of `batch` whose output gets a nonzero gradient from the
+    loss (a pooler the loss never reads, a frozen layer, are skipped)."""
     called: list[tuple[nn.Linear, torch.Tensor]] = []
 
     def keep(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -49,7 +49,7 @@ def influential_layer(model: nn.Module, loss: RowLoss, batch: dict[str, torch.Te
             h.remove()
         model.zero_grad(set_to_none=True)
     for module, out in reversed(called):
-        if out.grad is not None and bool(out.grad.abs().sum() > 0):
+        if module.weight.requires_grad and out.grad is not None and bool(out.grad.abs().sum() > 0):
             return module
     raise ValueError("no linear layer of the student receives a gradient from its loss")
 
@@ -96,7 +96,7 @@ def gradient_dots(
     finally:
         handle.remove()
     b = len(per)
-    dots = torch.zeros(b, dtype=torch.float64)
+    dots = torch.zeros(b, dtype=torch.float64, device=per.device)
     for x, out in calls:
         if out.grad is None:
             continue
@@ -110,4 +110,4 @@ def gradient_dots(
             per_pos = per_pos + delta @ gb.double()
         dots += per_pos.sum(-1).reshape(b, lead // b).sum(-1)
     model.zero_grad(set_to_none=True)
-    return dots
+    return dots.cpu()

@@ -19,6 +19,7 @@ import copy
 import logging
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from probekd import losses
 from probekd.errors import ProbekdError
 from probekd.losses.common import masked_log_softmax
+from probekd.ranks import ranks
 from probekd.student.callbacks import WEIGHTS_FILE, JsonlLog, PassRateWeights, StudentProgress
 from probekd.student.heads import Scorer, Student, biencoder_logits
 from probekd.student.train_config import TrainConfig
@@ -152,6 +154,9 @@ class DistillTrainer(Trainer):
 
             if train_cfg.mixup > 0:
                 raise ProbekdError("train.mixup and train.hidden_match together are not supported: choose one")
+            if hasattr(self.model, "get_base_model"):  # peft checkpoints keep the adapters, not the projection
+                raise ProbekdError("train.hidden_match with a LoRA student (student.lora: true) is not supported: its "
+                                   "checkpoints would not keep the projection; train the encoder in full")  # fmt: skip
             rows = self.train_dataset.rows if isinstance(self.train_dataset, Rows) else []
             if not rows or "teacher_states" not in rows[0]:
                 raise ProbekdError("train.hidden_match needs the teacher's states in the training rows "
@@ -286,8 +291,6 @@ def make_trainer(
     """The `Trainer` of one student: evaluation and checkpoint each epoch, the best dev accuracy kept at the end
     (when `dev_rows` is given); a progress bar named `description`, per-step logs to `log_file` (JSON lines) and
     the trackers of `cfg.report_to` (TensorBoard beside `log_file`). `overrides` go to `TrainingArguments`."""
-    from probekd.ranks import ranks
-
     world = ranks().world  # under a launcher (DDP) each process takes its share of every optimizer step's rows
     if cfg.batch_size % (cfg.grad_accum * world):
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum x processes "
@@ -322,6 +325,11 @@ def make_trainer(
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
+    if world > 1 and student.cfg.kind == "causal":
+        # its scorers call the decoder's parts directly (not the DDP-wrapped forward), so DDP would not all-reduce
+        # its gradients: each rank would train on its share alone
+        raise ProbekdError("a causal student does not train under DDP (torchrun) yet; spread its grid with "
+                           "`probekd run ... --stage students --workers N` (one process per cell) instead")  # fmt: skip
     if world > 1 and student.scorer is biencoder_logits:
         # DDP and the bi-encoder: the scale is used outside the model's forward and the encoder is called twice per
         # step, so DDP must not look for unused parameters (it would mark the scale ready before its gradient);
@@ -390,7 +398,10 @@ def train_student(
             # weights computed before this checkpoint but not saved in it (made before they were): they cannot be
             # recomputed from the later model, so this student starts again
             log.warning("%s has no %s; training this weighted student from the start", last, WEIGHTS_FILE)
-            shutil.rmtree(out_dir)
+            ranks().barrier()  # under a launcher: every rank has looked before rank 0 removes them
+            if ranks().main:
+                shutil.rmtree(out_dir)
+            ranks().barrier()
             last = None
         weigher.resume_from = last
     if last:
@@ -403,8 +414,6 @@ def train_student(
     finally:
         trainer_log.removeFilter(notice)
     student.model = trainer.model  # the best epoch's weights (loaded into the same model object)
-    from probekd.ranks import ranks
-
     r = ranks()
     r.barrier()  # under a launcher: every rank has loaded the best epoch before rank 0 removes the checkpoints
     if cfg.hidden_match > 0:
@@ -427,6 +436,9 @@ def influence_scores(student: Student, train_rows: Rows, dev_rows: Rows, cfg: Tr
 
     if dev_rows is None or len(dev_rows) == 0:
         raise ProbekdError("the influence weighting measures each row's effect on the dev loss: it needs dev rows")
+    if student.cfg.kind != "encoder":  # a causal scorer's last linear layer (the LM head) is tied, frozen under LoRA
+        raise ProbekdError("the influence weighting is for encoder students (a causal student's scoring layer is "
+                           "the tied, frozen LM head); use paced or hard_filter for it")  # fmt: skip
     model = student.model
     was_training = model.training
     model.eval()  # no dropout: the same gradients at every call
@@ -443,19 +455,20 @@ def influence_scores(student: Student, train_rows: Rows, dev_rows: Rows, cfg: Tr
         return -logp.gather(-1, batch["labels"].clamp_min(0)[:, None])[:, 0]
 
     device = next(model.parameters()).device
-    size = cfg.eval_batch_size
+    size = cfg.batch_size // cfg.grad_accum  # a training micro-batch: its backward fits where training does
 
-    def batches(rows: Rows, order: list[int]) -> list[dict[str, torch.Tensor]]:
-        return [{k: v.to(device) for k, v in student.collate([rows[i] for i in order[s : s + size]]).items()}
-                for s in range(0, len(order), size)]  # fmt: skip
+    def batches(rows: Rows, order: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+        for s in range(0, len(order), size):
+            batch = student.collate([rows[i] for i in order[s : s + size]])
+            yield {k: v.to(device) for k, v in batch.items() if k != "teacher_states"}
 
     dev_order = [i for i in dev_rows.longest_first() if dev_rows[i]["labels"] >= 0]
     train_order = train_rows.longest_first()
-    train_batches = batches(train_rows, train_order)
     try:
-        layer = influential_layer(model, train_loss, train_batches[0])
+        layer = influential_layer(model, train_loss, next(batches(train_rows, train_order)))
         direction = layer_gradient(model, layer, dev_loss, batches(dev_rows, dev_order))
-        dots = torch.cat([gradient_dots(model, layer, train_loss, b, direction) for b in train_batches])
+        dots = torch.cat([gradient_dots(model, layer, train_loss, b, direction)
+                          for b in batches(train_rows, train_order)])  # fmt: skip
     finally:
         model.train(was_training)
     out = np.empty(len(train_order))
