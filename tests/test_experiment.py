@@ -274,7 +274,9 @@ def test_reuse_copies_what_the_new_grid_would_make_the_same(
     assert copied == {
         "targets": ["answers-train", "answers-dev", "answers-test", "teacher-f1-s0", "probe-f1-s0"],
         "students": ["teacher-f1-s0", "probe-f1-s0"],
+        "zero_shot": ["s0.npz"],  # the same student: its untrained predictions are not computed again
     }
+    assert (run / "zero_shot" / "s0.npz").read_bytes() == (finished_run / "zero_shot" / "s0.npz").read_bytes()
     for name in copied["students"]:
         assert (run / "students" / name / "metrics.json").read_bytes() == (
             finished_run / "students" / name / "metrics.json"
@@ -283,17 +285,18 @@ def test_reuse_copies_what_the_new_grid_would_make_the_same(
     assert (run / "probes" / "test.npz").exists() and (run / "config.yaml").exists()
     run_experiment(cfg, run, stage="targets")  # every targets file is there: the teacher is not needed
     assert not (run / "teacher").exists()
-    assert reuse_run(finished_run, run, cfg) == {"targets": [], "students": []}  # nothing twice
+    assert reuse_run(finished_run, run, cfg) == {"targets": [], "students": [], "zero_shot": []}  # nothing twice
 
     other_lr = tiny_config(tiny_llama_dir, tiny_bert_dir, signals=["probe"], fractions=[0.5], seeds=[1])
     other_lr["train"]["learning_rate"] = 5e-4
     copied = reuse_run(finished_run, tmp_path / "lr", load_config(None, base=other_lr))
-    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test", "probe-f0.5-s1"], "students": []}
+    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test", "probe-f0.5-s1"], "students": [],
+                      "zero_shot": ["s1.npz"]}  # fmt: skip
 
     # another dev policy: the probes and the teacher's answers stand, no targets file or student does
     other_dev = tiny_config(tiny_llama_dir, tiny_bert_dir, dev="proportional", min_dev=4)
     copied = reuse_run(finished_run, tmp_path / "dev", load_config(None, base=other_dev))
-    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test"], "students": []}
+    assert copied == {"targets": ["answers-train", "answers-dev", "answers-test"], "students": [], "zero_shot": []}
     assert (tmp_path / "dev" / "probes" / "summary.json").exists()
 
     other_probe = tiny_config(tiny_llama_dir, tiny_bert_dir)

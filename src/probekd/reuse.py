@@ -21,15 +21,16 @@ from probekd.atomic import copy_atomic
 from probekd.config import RunConfig, recorded_config
 from probekd.errors import ProbekdError
 from probekd.experiment import TARGET_SECTIONS, cell_training, check_run_dir, config_differences
-from probekd.layout import student_dir, targets_path
+from probekd.layout import student_dir, targets_path, zero_shot_path
 
 log = logging.getLogger(__name__)
 
 
 def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     """Copy into `run` (configured by `cfg`) what `source` holds that `run` would make the same and lacks: the
-    probes, the teacher's answers, the targets files and the finished students of `cfg`'s grid cells. Returns the
-    names copied (`targets`, `students`); refuses a source whose targets would differ, naming the fields."""
+    probes, the teacher's answers, the targets files, the untrained student's predictions (same student) and the
+    finished students of `cfg`'s grid cells. Returns the names copied (`targets`, `students`, `zero_shot`); refuses a
+    source whose targets would differ, naming the fields."""
     path = source / "config.yaml"
     if not path.exists():
         raise ProbekdError(f"{path} is missing: {source} is not a probekd run directory")
@@ -47,7 +48,7 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
     if diff:  # e.g. another dev policy: the probes and the teacher's answers stand, the targets and students do not
         log.info("%s differs in %s: reusing its probes and teacher answers only", source, ", ".join(diff))
     check_run_dir(run, cfg)  # refuses a `run` made with another configuration, before anything is copied
-    copied: dict[str, list[str]] = {"targets": [], "students": []}
+    copied: dict[str, list[str]] = {"targets": [], "students": [], "zero_shot": []}
     if (source / "probes" / "summary.json").exists() and not (run / "probes").exists():
         copy_atomic(source / "probes", run / "probes")
     cells = [] if diff else cfg.cells()
@@ -58,6 +59,14 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
         if src.exists() and not dst.exists():
             copy_atomic(src, dst)
             copied["targets"].append(name)
+    # the untrained student's predictions per seed: the same when the student is (each file carries its key, which
+    # `zero_shot_accuracy` checks before using it, so a copy made under another student is recomputed, not trusted)
+    if src_cfg.student == cfg.student:
+        for seed in dict.fromkeys(c.seed for c in cells):
+            src, dst = zero_shot_path(source, seed), zero_shot_path(run, seed)
+            if src.exists() and not dst.exists():
+                copy_atomic(src, dst)
+                copied["zero_shot"].append(dst.name)
     src_cells = {c.name for c in src_cfg.cells()}
     for cell in cells:
         name = cell.name
