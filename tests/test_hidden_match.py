@@ -82,6 +82,17 @@ def test_mse_and_cosine_over_the_present_options_only() -> None:
         hm.match_loss("l1", z, t, mask)  # type: ignore[arg-type]
 
 
+@settings(max_examples=20, deadline=None)
+@given(t=arrays(np.float32, (3, 4, 5), elements=st.floats(-3, 3, width=32)))
+def test_the_term_is_zero_when_the_projected_states_equal_the_teachers(t: np.ndarray) -> None:
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False], [True] * 4])
+    teacher = torch.from_numpy(t)
+    assert float(hm.match_loss("mse", teacher.clone(), teacher, mask)) == 0.0
+    nonzero = teacher[mask].norm(dim=-1) > 1e-3  # cosine is undefined for a zero vector
+    if bool(nonzero.all()):
+        assert float(hm.match_loss("cosine", teacher.clone(), teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_standardized_states_have_zero_mean_unit_scale_over_present_options() -> None:
     rng = np.random.default_rng(0)
     states = rng.normal(size=(30, 4, 5)) * np.array([1.0, 100.0, 0.01, 1.0, 0.0]) + 7.0
