@@ -180,7 +180,8 @@ def test_run_from_a_config_file_and_config_errors(tiny_llama_dir: Path, tiny_ber
     reused = run(
         "run", str(path), "--out", str(same), "--reuse", str(tmp_path / "mine"), "--set", "train.switch_at=0.3"
     )
-    assert "reused from " + str(tmp_path / "mine") + ": 5 targets files, 2 finished students" in reused.stdout
+    assert (f"reused from {tmp_path / 'mine'}: 5 targets files, 2 finished students, 1 untrained-student prediction "
+            "files") in reused.stdout  # fmt: skip
     assert not (same / "teacher").exists() and f"report: {same / 'report' / 'report.md'}" in reused.stdout.splitlines()
     # errors in input (in-process: `main` turns these into one line and exit 2, test_bad_input_exits_2_with_location)
     runner = CliRunner()

@@ -423,7 +423,8 @@ def run(
     for source in reuse or []:
         copied = reuse_run(source, run_dir, cfg)
         typer.echo(
-            f"reused from {source}: {len(copied['targets'])} targets files, {len(copied['students'])} finished students"
+            f"reused from {source}: {len(copied['targets'])} targets files, {len(copied['students'])} finished "
+            f"students, {len(copied['zero_shot'])} untrained-student prediction files"
         )
     _run_and_report(cfg, run_dir, overwrite, stage.value, workers, parse_shard(shard) if shard else None)
 

@@ -78,9 +78,10 @@ def reuse_run(source: Path, run: Path, cfg: RunConfig) -> dict[str, list[str]]:
         copy_atomic(src, dst, ignore=("checkpoints",))  # replaces an unfinished student of this run
         copied["students"].append(name)
     log.info(
-        "reused from %s: %d targets files, %d finished students",
+        "reused from %s: %d targets files, %d finished students, %d untrained-student prediction files",
         source,
         len(copied["targets"]),
         len(copied["students"]),
+        len(copied["zero_shot"]),
     )
     return copied
