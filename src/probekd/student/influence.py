@@ -103,11 +103,12 @@ def gradient_dots(
         lead = x.shape[0]
         if lead % b:
             raise ValueError(f"a call of the layer has leading dimension {lead}, not a multiple of the {b} rows")
-        delta = out.grad.detach().reshape(lead, -1, out.shape[-1]).double()  # [lead, positions, out]
-        xs = x.reshape(lead, -1, x.shape[-1]).double()  # [lead, positions, in]
-        per_pos = ((delta @ gw.double()) * xs).sum(-1)  # delta^T G_W x
+        delta = out.grad.detach().reshape(lead, -1, out.shape[-1]).float()  # [lead, positions, out]
+        xs = x.reshape(lead, -1, x.shape[-1]).float()  # [lead, positions, in]
+        # delta^T G_W x: the matmul in float32 (the cost: positions x out x in per row), the sums in float64
+        per_pos = ((delta @ gw.float()) * xs).sum(-1, dtype=torch.float64)
         if gb is not None:
-            per_pos = per_pos + delta @ gb.double()
+            per_pos = per_pos + (delta * gb.float()).sum(-1, dtype=torch.float64)
         dots += per_pos.sum(-1).reshape(b, lead // b).sum(-1)
     model.zero_grad(set_to_none=True)
     return dots.cpu()
