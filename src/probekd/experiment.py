@@ -298,7 +298,7 @@ def prepare_targets(cfg: RunConfig, run: Path, *, overwrite: bool = False) -> No
             continue
         log.info("targets %d/%d: %s", n, len(cells), name)
         t0 = time.perf_counter()
-        probe_path = targets_path(run, Cell("probe", fraction, seed, selection=cell.selection).targets_name)
+        probe_path = _probe_targets_path(run, cell)
         made = signal_targets(
             signal, caches, labelled, cfg.probe, layer_idx, cfg.grid.teacher_temperature,
             dev_labelled=dev_rows, smoothing=cfg.grid.smoothing,
@@ -406,6 +406,11 @@ def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: n
     return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states)
 
 
+def _probe_targets_path(run: Path, cell: Cell) -> Path:
+    """The `probe` targets file of `cell`'s labels (its fraction, seed and selection), whatever its signal."""
+    return targets_path(run, Cell("probe", cell.fraction, cell.seed, selection=cell.selection).targets_name)
+
+
 def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None = None) -> np.ndarray:
     """For hidden-state matching (`train.hidden_match`): the teacher's states at the probe's chosen (feature, layer)
     of training rows `rows_idx` [n, kmax, H], standardized over the training split's present options. Read from
@@ -424,9 +429,7 @@ def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None
                            "states: it needs an `option`-formulation cache (extract.formulation: option)")  # fmt: skip
     summary = json.loads((run / "probes" / "summary.json").read_text())
     feature, layer = summary["chosen_feature"], summary["chosen_layer"]
-    probe = None
-    if cell is not None:
-        probe = targets_path(run, Cell("probe", cell.fraction, cell.seed, selection=cell.selection).targets_name)
+    probe = _probe_targets_path(run, cell) if cell is not None else None
     if probe is not None and probe.exists():
         meta = SoftTargets.load(probe).meta
         feature, layer = meta.get("feature", feature), meta.get("layer", layer)

@@ -36,7 +36,7 @@ import torch
 from probekd.atomic import write_npz
 from probekd.errors import ProbekdError
 from probekd.evaluate import normalized_entropy
-from probekd.probes.pipeline import LayerFeatures, LayerFit, ProbeConfig, fit_layers, probe_feature_names
+from probekd.probes.pipeline import LayerFeatures, LayerFit, ProbeConfig, fit_layers
 from probekd.probes.score_calibration import calibrate_scores
 from probekd.teacher.cache import TeacherCache
 
@@ -345,10 +345,9 @@ def _signal_targets(
     if signal == "probe":
         y = torch.from_numpy(answers).long()
         kind = "multinomial" if train.manifest["formulation"] == "letter" else "conditional"
-        fit = fit_layers(LayerFeatures(caches, layer_idx, probe_cfg.feature, kmax), kind, probe_cfg, y)
-        layers = [train.layers[i] for i in layer_idx]
-        features = probe_feature_names(train.manifest["formulation"], probe_cfg.feature)
-        feature, layer = [(f, x) for f in features for x in layers][fit.best]
+        features = LayerFeatures(caches, layer_idx, probe_cfg.feature, kmax)
+        fit = fit_layers(features, kind, probe_cfg, y)
+        feature, layer = features.table_groups()[fit.best]
         return _fit_to_targets(
             fit,
             caches,

@@ -121,6 +121,11 @@ class LayerFeatures:
         names = probe_feature_names(self.caches["train"].manifest["formulation"], self.feature)
         return [(f, i) for f in names for i in self.layer_idx]
 
+    def table_groups(self) -> list[tuple[str, int]]:
+        """(feature, teacher layer number) of every group, in the table's order: what each group probes."""
+        layers = self.caches["train"].layers
+        return [(f, layers[i]) for f, i in self.groups]
+
     def group_bytes(self, split: str) -> int:
         """The size of one group's float32 features on `split`."""
         c = self.caches[split]
@@ -132,7 +137,8 @@ class LayerFeatures:
         zeros to kmax), float32; mask [N, kmax]."""
         c = self.caches[split]
         letter = c.manifest["formulation"] == "letter"
-        chosen = [self.groups[g] for g in groups]
+        every = self.groups
+        chosen = [every[g] for g in groups]
         n, h, k = len(c.ids), c.manifest["hidden_size"], c.mask.shape[1]
         X = np.zeros((len(chosen), n, h) if letter else (len(chosen), n, self.kmax, h), dtype=np.float32)
         start = 0
@@ -376,8 +382,9 @@ def compute_probes(run: Path, cfg: ProbeConfig) -> ProbeResults:
     )
     kmax = max(c.mask.shape[1] for c in caches.values())
     features = probe_feature_names(formulation, cfg.feature)
-    groups = [(f, layer) for f in features for layer in layers]
-    fit = fit_layers(LayerFeatures(caches, layer_idx, cfg.feature, kmax), kind, cfg, y)
+    layer_features = LayerFeatures(caches, layer_idx, cfg.feature, kmax)
+    groups = layer_features.table_groups()
+    fit = fit_layers(layer_features, kind, cfg, y)
     res, best = fit.crossfit, fit.best
     table: list[LayerRow] = [
         {

@@ -173,6 +173,7 @@ class DistillTrainer(Trainer):
         labels = inputs.pop("labels")
         teacher_states = inputs.pop("teacher_states", None)
         cfg = self.train_cfg
+        match = None  # the hidden-state matching term, when it is on and the model trains
         kw = dict(loss=cfg.loss_at(self.state.global_step, self.state.max_steps), alpha=cfg.alpha,
                   temperature=cfg.temperature, **cfg.loss_options)  # fmt: skip
         if cfg.mixup > 0 and model.training:
@@ -204,7 +205,7 @@ class DistillTrainer(Trainer):
             per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
         n = len(per) * self.args.gradient_accumulation_steps
         value = (weights.float() * per).sum() / n
-        if cfg.hidden_match > 0 and model.training and teacher_states is not None:
+        if match is not None:
             value = value + cfg.hidden_match * match / self.args.gradient_accumulation_steps
         return (value, {"logits": logits}) if return_outputs else value
 
