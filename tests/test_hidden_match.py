@@ -16,7 +16,7 @@ from hypothesis.extra.numpy import arrays
 
 from probekd.errors import ProbekdError
 from probekd.student import hidden_match as hm
-from probekd.student.heads import StudentConfig, build_student
+from probekd.student.heads import StudentConfig, build_student, detach_training_head
 from probekd.student.train import Rows, distill_loss, make_trainer, train_student
 from probekd.student.train_config import TrainConfig
 from test_student import mammal_task, rows_for
@@ -140,13 +140,13 @@ def test_trainer_adds_the_matching_term_and_saves_the_plain_encoder(tiny_bert_di
             assert got == pytest.approx(float(per.mean() + 0.7 * term), rel=1e-5)
             student.model.eval()
             assert float(trainer.compute_loss(student.model, dict(batch))) == pytest.approx(float(per.mean()), rel=1e-5)
-        hm.detach_projection(student.model)
+        detach_training_head(student.model, hm.PROJECTION)
     cfg = TrainConfig(epochs=2, learning_rate=1e-2, batch_size=4, hidden_match=1.0, hidden_match_loss="mse")
     trainer = make_trainer(student, rows, None, cfg, tmp_path / "steps", 0)
     before = getattr(student.model, hm.PROJECTION).weight.detach().clone()
     trainer.train()
     assert not torch.allclose(getattr(student.model, hm.PROJECTION).weight, before)  # the projection is trained
-    hm.detach_projection(student.model)
+    detach_training_head(student.model, hm.PROJECTION)
     train_student(student, rows, rows_for(student, mammal_task(8, seed=1), 4), cfg, tmp_path / "ck", 0)
     assert not hasattr(student.model, hm.PROJECTION)  # the deployed student is the plain encoder
     assert all(hm.PROJECTION not in n for n, _ in student.model.named_parameters())

@@ -86,14 +86,16 @@ def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
     """The student and training settings one grid cell's student is made with (those it does not read left out):
     `train` with the signal's tuned recipe (`train_by_signal`), the cell's loss and weighting scheme; `switch_at`
     only under a two-stage loss, the weighting's other fields only when it is weighted (`influence_scale` only for
-    the influence weighting), the hidden-state matching fields only when it is on."""
+    the influence weighting), the hidden-state matching and LELP fields only when the term is on."""
     train = cfg.train_for(cell.signal).model_dump(mode="json")
     train["loss"] = cell.loss
     if ">" not in cell.loss:
         del train["switch_at"]
-    if not train["hidden_match"]:  # off: left out, as before the option existed (recorded fingerprints hold)
-        for k in ("hidden_match", "hidden_match_loss", "hidden_match_alpha"):
-            del train[k]
+    for term, fields in (("hidden_match", ("hidden_match_loss", "hidden_match_alpha")),
+                         ("lelp", ("lelp_directions", "lelp_temperature"))):  # fmt: skip
+        if not train[term]:  # off: left out, as before the option existed (recorded fingerprints hold)
+            for k in (term, *fields):
+                del train[k]
     if cell.weighting == "none":
         del train["weighting"]
     else:
@@ -399,11 +401,13 @@ def run_cell(
 
 
 def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: np.ndarray, gold: np.ndarray,
-          soft: np.ndarray | None = None, teacher_states: np.ndarray | None = None) -> Any:  # fmt: skip
+          soft: np.ndarray | None = None, teacher_states: np.ndarray | None = None,
+          subclass_targets: np.ndarray | None = None) -> Any:  # fmt: skip
     """The student's encoded inputs of questions `ids` (`probekd.student.train.Rows`)."""
     from probekd.student.train import Rows
 
-    return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states)
+    return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states,
+                subclass_targets=subclass_targets)  # fmt: skip
 
 
 def _probe_targets_path(run: Path, cell: Cell) -> Path:
@@ -411,22 +415,22 @@ def _probe_targets_path(run: Path, cell: Cell) -> Path:
     return targets_path(run, Cell("probe", cell.fraction, cell.seed, selection=cell.selection).targets_name)
 
 
-def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None = None) -> np.ndarray:
-    """For hidden-state matching (`train.hidden_match`): the teacher's states at the probe's chosen (feature, layer)
-    of training rows `rows_idx` [n, kmax, H], standardized over the training split's present options. Read from
-    RUN/teacher/train/ (one layer of it). The layer is the one the probe of `cell`'s labels chose (its targets file,
-    when the grid has the probe signal), so the cell's label budget holds; else the probe stage's (all labels)."""
+def _probe_layer_states(run: Path, kmax: int, cell: Cell | None, term: str) -> tuple[np.ndarray, TeacherCache]:
+    """The teacher's states of the whole training split at the probe's chosen (feature, layer) [N, kmax, H],
+    standardized over its present options, and the train cache. Read from RUN/teacher/train/ (one layer of it). The
+    layer is the one the probe of `cell`'s labels chose (its targets file, when the grid has the probe signal), so
+    the cell's label budget holds; else the probe stage's (all labels). `term` names the caller in errors."""
     from probekd.student.hidden_match import standardize_states
     from probekd.teacher.cache import load_cache
 
     folder = run / "teacher" / "train"
     if not (folder / "manifest.json").exists():
-        raise ProbekdError(f"train.hidden_match reads the teacher's states of the training split from {folder}, "
+        raise ProbekdError(f"train.{term} reads the teacher's states of the training split from {folder}, "
                            "which is not here; train these students where the teacher caches are")  # fmt: skip
     cache = load_cache(folder)
     if cache.manifest["formulation"] != "option":
-        raise ProbekdError("train.hidden_match matches the bi-encoder's option embeddings to the teacher's option "
-                           "states: it needs an `option`-formulation cache (extract.formulation: option)")  # fmt: skip
+        raise ProbekdError(f"train.{term} works on the teacher's option states: it needs an `option`-formulation "
+                           "cache (extract.formulation: option)")  # fmt: skip
     summary = json.loads((run / "probes" / "summary.json").read_text())
     feature, layer = summary["chosen_feature"], summary["chosen_layer"]
     probe = _probe_targets_path(run, cell) if cell is not None else None
@@ -434,14 +438,40 @@ def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None
         meta = SoftTargets.load(probe).meta
         feature, layer = meta.get("feature", feature), meta.get("layer", layer)
     else:
-        log.warning("hidden_match: no probe targets for this cell's labels; matching the probe stage's layer %d "
-                    "(chosen with every label)", layer)  # fmt: skip
+        log.warning("%s: no probe targets for this cell's labels; using the probe stage's layer %d (chosen with "
+                    "every label)", term, layer)  # fmt: skip
     name = "hidden_mean" if feature == "mean" else "hidden"
     states = cache.layer_states(name, [cache.layers.index(layer)])[0]
     states = standardize_states(states, cache.mask)
     padded = np.zeros((len(cache.ids), kmax, states.shape[-1]), dtype=np.float32)
     padded[:, : states.shape[1]] = states
-    return padded[rows_idx]
+    return padded, cache
+
+
+def matched_states(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell | None = None) -> np.ndarray:
+    """For hidden-state matching (`train.hidden_match`): the teacher's standardized states at the probe's chosen
+    (feature, layer) of training rows `rows_idx` [n, kmax, H] (`_probe_layer_states`)."""
+    return _probe_layer_states(run, kmax, cell, "hidden_match")[0][rows_idx]
+
+
+def lelp_subclasses(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell, directions: int,
+                    temperature: float) -> np.ndarray:  # fmt: skip
+    """For LELP (`train.lelp`): the pseudo-subclass distribution within each option of training rows `rows_idx`
+    [n, kmax, 2 * directions] (`probekd.student.lelp.subclass_targets`), fitted on the whole training split's
+    states at the probe's layer with the logits of the probe of `cell`'s labels (its targets file: the cell's label
+    budget holds; the teacher's states themselves need no label)."""
+    from probekd.student.lelp import subclass_targets
+
+    path = _probe_targets_path(run, cell)
+    if not path.exists():
+        raise ProbekdError(f"train.lelp removes the probe's direction from the teacher's states, found from the probe "
+                           f"targets of this cell's labels ({path}), which are not there: add `probe` to grid.signals "
+                           "and run the targets stage")  # fmt: skip
+    states, cache = _probe_layer_states(run, kmax, cell, "lelp")
+    mask = cache.padded_mask(kmax)
+    probs = SoftTargets.load(path).align(cache.ids, mask)
+    logits = np.log(np.clip(probs, 1e-8, None))
+    return subclass_targets(states, mask, logits, directions, temperature)[rows_idx]
 
 
 def prepare_cell(
@@ -492,8 +522,11 @@ def prepare_cell(
     gold = np.where(labelled, train.answers, -1)[rows_idx]
     soft = targets.align(ids, mask)
     student = build_student(cfg.student, kmax, seed)
-    states = matched_states(run, rows_idx, kmax, cell) if cfg.train_for(signal).hidden_match > 0 else None
-    train_rows = _rows(student, examples["train"], ids, mask, gold, soft, states)
+    tc = cfg.train_for(signal)
+    states = matched_states(run, rows_idx, kmax, cell) if tc.hidden_match > 0 else None
+    subclass = (lelp_subclasses(run, rows_idx, kmax, cell, tc.lelp_directions, tc.lelp_temperature)
+                if tc.lelp > 0 else None)  # fmt: skip
+    train_rows = _rows(student, examples["train"], ids, mask, gold, soft, states, subclass)
     dev = caches["dev"]
     dev_idx = np.flatnonzero(dev_rows_used)
     dev_rows = _rows(student, examples["dev"], [dev.ids[i] for i in dev_idx], dev.padded_mask(kmax)[dev_idx],

@@ -152,6 +152,21 @@ def biencoder_scores(model: nn.Module, q: torch.Tensor, o: torch.Tensor, option_
     return _pad_options(scale * cos, option_mask)
 
 
+def attach_training_head(model: nn.Module, name: str, in_width: int, out_width: int) -> nn.Linear:
+    """A linear map that an extra training term needs (hidden-state matching's projection, LELP's subclass head),
+    set as the submodule `name` of the student model so the trainer optimizes and checkpoints it with the model; an
+    existing one is kept (a resumed run). `detach_training_head` removes it before the student is saved."""
+    if not hasattr(model, name):
+        setattr(model, name, nn.Linear(in_width, out_width))
+    return getattr(model, name)
+
+
+def detach_training_head(model: nn.Module, name: str) -> None:
+    """Remove the training-only submodule `name`: the deployed student is the plain encoder."""
+    if hasattr(model, name):
+        delattr(model, name)
+
+
 def add_logit_scale(model: nn.Module, log_scale: float = math.log(_INITIAL_SCALE)) -> nn.Module:
     """Give an encoder model the bi-encoder's learned log-scale as a parameter of its own, so that it is trained,
     checkpointed and saved with the weights (`save_pretrained` writes it; `AutoModel` ignores it on loading, which

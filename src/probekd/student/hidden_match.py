@@ -99,17 +99,3 @@ def match_loss(
         scores = nn.functional.normalize(t, dim=-1) @ nn.functional.normalize(z, dim=-1).T / CRITIC_TEMPERATURE
         return -mi_alpha_bound(scores, alpha)
     raise ValueError(f"unknown hidden-state matching loss {kind!r}; known: mse, cosine, mi_alpha")
-
-
-def attach_projection(model: nn.Module, student_width: int, teacher_width: int) -> nn.Linear:
-    """Give the student model the projection W (student width -> teacher width) as a submodule, so the trainer
-    optimizes it and checkpoints it with the model; an existing one is kept (a resumed run)."""
-    if not hasattr(model, PROJECTION):
-        setattr(model, PROJECTION, nn.Linear(student_width, teacher_width))
-    return getattr(model, PROJECTION)
-
-
-def detach_projection(model: nn.Module) -> None:
-    """Remove W before the student is saved: the deployed student is the plain encoder."""
-    if hasattr(model, PROJECTION):
-        delattr(model, PROJECTION)

@@ -36,7 +36,9 @@ from probekd.errors import ProbekdError
 from probekd.losses.common import masked_log_softmax
 from probekd.ranks import ranks
 from probekd.student.callbacks import WEIGHTS_FILE, JsonlLog, PassRateWeights, StudentProgress
-from probekd.student.heads import Scorer, Student, biencoder_logits
+from probekd.student.heads import Scorer, Student, attach_training_head, biencoder_logits, detach_training_head
+from probekd.student.hidden_match import PROJECTION
+from probekd.student.lelp import HEAD as LELP_HEAD
 from probekd.student.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -67,12 +69,12 @@ def distill_loss(
 
 
 # what a row holds besides the student's model inputs (the loss reads them; the model never sees them)
-ROW_EXTRAS = ("targets", "weights", "labels", "teacher_states")
+ROW_EXTRAS = ("targets", "weights", "labels", "teacher_states", "subclass_targets")
 
 
 class Rows(Dataset):
     """Encoded examples with their targets [K], label and weight (and, for hidden-state matching, the teacher's
-    standardized states [K, H]), as `Trainer` reads them."""
+    standardized states [K, H]; for LELP, the pseudo-subclass distributions [K, S2]), as `Trainer` reads them."""
 
     def __init__(
         self,
@@ -82,16 +84,20 @@ class Rows(Dataset):
         targets: np.ndarray | None = None,
         weights: np.ndarray | None = None,
         teacher_states: np.ndarray | None = None,
+        subclass_targets: np.ndarray | None = None,
     ) -> None:
         n = len(encoded)
+        per_option = {"teacher_states": teacher_states, "subclass_targets": subclass_targets}
+        per_option = {k: v for k, v in per_option.items() if v is not None}
         if (
             not (mask.shape[0] == labels.shape[0] == n)
             or (targets is not None and targets.shape != mask.shape)
-            or (teacher_states is not None and teacher_states.shape[:2] != mask.shape)
+            or any(v.shape[:2] != mask.shape for v in per_option.values())
         ):
             raise ValueError(
                 f"rows: {n} encoded, mask {mask.shape}, labels {labels.shape}, "
-                f"targets {None if targets is None else targets.shape}"
+                f"targets {None if targets is None else targets.shape}, "
+                + ", ".join(f"{k} {v.shape}" for k, v in per_option.items())
             )
         self.rows = []
         # longest token sequence of each row (the encoder's longest option pair, the prompt, or the prefix and its
@@ -105,8 +111,8 @@ class Rows(Dataset):
                 (targets[i] if targets is not None else np.zeros(mask.shape[1])).astype(np.float32)
             )
             row["weights"] = float(weights[i]) if weights is not None else 1.0
-            if teacher_states is not None:
-                row["teacher_states"] = torch.from_numpy(teacher_states[i])
+            for key, value in per_option.items():
+                row[key] = torch.from_numpy(np.ascontiguousarray(value[i], dtype=np.float32))
             self.rows.append(row)
 
     def __len__(self) -> int:
@@ -145,25 +151,30 @@ class DistillTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.scorer = scorer
         self.train_cfg = train_cfg
-        for name, value in (("mixup", train_cfg.mixup), ("hidden_match", train_cfg.hidden_match)):
+        terms = (("mixup", train_cfg.mixup), ("hidden_match", train_cfg.hidden_match), ("lelp", train_cfg.lelp))
+        for name, value in terms:
             if value > 0 and scorer is not biencoder_logits:
                 raise ProbekdError(f"train.{name} works on the bi-encoder's embeddings; it needs student.head: "
                                    "biencoder (an encoder student)")  # fmt: skip
-        if train_cfg.hidden_match > 0:
-            from probekd.student.hidden_match import attach_projection
-
+        # the extra training terms on the option embeddings that are on: (config name, the row extra they read,
+        # what it is, the student submodule they train; its output width is the row extra's last dimension)
+        terms_on = [t[:4] for t in (
+            ("hidden_match", "teacher_states", "the teacher's states", PROJECTION, train_cfg.hidden_match > 0),
+            ("lelp", "subclass_targets", "the pseudo-subclass targets", LELP_HEAD, train_cfg.lelp > 0),
+        ) if t[4]]  # fmt: skip
+        for name, extra, what, module in terms_on:
             if train_cfg.mixup > 0:
-                raise ProbekdError("train.mixup and train.hidden_match together are not supported: choose one")
-            if hasattr(self.model, "get_base_model"):  # peft checkpoints keep the adapters, not the projection
-                raise ProbekdError("train.hidden_match with a LoRA student (student.lora: true) is not supported: its "
-                                   "checkpoints would not keep the projection; train the encoder in full")  # fmt: skip
+                raise ProbekdError(f"train.mixup and train.{name} together are not supported: choose one")
+            if hasattr(self.model, "get_base_model"):  # peft checkpoints keep the adapters, not the extra head
+                raise ProbekdError(f"train.{name} with a LoRA student (student.lora: true) is not supported: its "
+                                   "checkpoints would not keep the term's head; train the encoder in full")  # fmt: skip
             rows = self.train_dataset.rows if isinstance(self.train_dataset, Rows) else []
-            if not rows or "teacher_states" not in rows[0]:
-                raise ProbekdError("train.hidden_match needs the teacher's states in the training rows "
-                                   "(Rows(..., teacher_states=...))")  # fmt: skip
+            if not rows or extra not in rows[0]:
+                raise ProbekdError(f"train.{name} needs {what} in the training rows "
+                                   f"(Rows(..., {extra}=...))")  # fmt: skip
             width = self.model.config.hidden_size
             device = next(self.model.parameters()).device
-            attach_projection(self.model, width, rows[0]["teacher_states"].shape[-1]).to(device)
+            attach_training_head(self.model, module, width, rows[0][extra].shape[-1]).to(device)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -171,8 +182,11 @@ class DistillTrainer(Trainer):
         targets = inputs.pop("targets")
         weights = inputs.pop("weights")
         labels = inputs.pop("labels")
-        teacher_states = inputs.pop("teacher_states", None)
         cfg = self.train_cfg
+        teacher_states = inputs.pop("teacher_states", None)
+        subclass = inputs.pop("subclass_targets", None)
+        teacher_states = teacher_states if cfg.hidden_match > 0 else None  # rows may carry what a term left off
+        subclass = subclass if cfg.lelp > 0 else None  # does not read
         match = None  # the hidden-state matching term, when it is on and the model trains
         kw = dict(loss=cfg.loss_at(self.state.global_step, self.state.max_steps), alpha=cfg.alpha,
                   temperature=cfg.temperature, **cfg.loss_options)  # fmt: skip
@@ -188,18 +202,24 @@ class DistillTrainer(Trainer):
             per = mix(distill_loss(logits, targets, labels, inputs["option_mask"], **kw),
                       distill_loss(logits, targets[perm], labels[perm], inputs["option_mask"], **kw), lam)  # fmt: skip
             weights = mix(weights.float(), weights.float()[perm], lam)
-        elif cfg.hidden_match > 0 and model.training and teacher_states is not None:
+        elif model.training and (teacher_states is not None or subclass is not None):
             from probekd.student.heads import biencoder_embeddings, biencoder_scores
-            from probekd.student.hidden_match import PROJECTION, match_loss
 
             q, o = biencoder_embeddings(model, inputs["input_ids"], inputs["attention_mask"], inputs["option_ids"],
                                         inputs["option_attention"])  # fmt: skip
             logits = biencoder_scores(model, q, o, inputs["option_mask"])
             per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
-            projected = getattr(self.model, PROJECTION)(o)
-            k = min(projected.shape[1], teacher_states.shape[1])  # the batch's options, padded to the run's widest
-            match = match_loss(cfg.hidden_match_loss, projected[:, :k], teacher_states[:, :k],
-                               inputs["option_mask"][:, :k], cfg.hidden_match_alpha)  # fmt: skip
+            k = o.shape[1]  # the batch's options; the row extras are padded to the run's widest
+            if teacher_states is not None:
+                from probekd.student.hidden_match import match_loss
+
+                match = match_loss(cfg.hidden_match_loss, getattr(self.model, PROJECTION)(o), teacher_states[:, :k],
+                                   inputs["option_mask"][:, :k], cfg.hidden_match_alpha)  # fmt: skip
+            if subclass is not None:
+                from probekd.student.lelp import subclass_loss
+
+                per = per + cfg.lelp * subclass_loss(getattr(self.model, LELP_HEAD)(o), subclass[:, :k],
+                                                     targets[:, :k], inputs["option_mask"][:, :k])  # fmt: skip
         else:
             logits = self.scorer(model, **inputs)
             per = distill_loss(logits, targets, labels, inputs["option_mask"], **kw)
@@ -417,10 +437,8 @@ def train_student(
     student.model = trainer.model  # the best epoch's weights (loaded into the same model object)
     r = ranks()
     r.barrier()  # under a launcher: every rank has loaded the best epoch before rank 0 removes the checkpoints
-    if cfg.hidden_match > 0:
-        from probekd.student.hidden_match import detach_projection
-
-        detach_projection(student.model)  # the deployed student is the plain encoder
+    for module in (PROJECTION, LELP_HEAD):
+        detach_training_head(student.model, module)  # the deployed student is the plain encoder
     history = list(trainer.state.log_history)
     if weigher is not None:
         history += [{"weighting": st} for st in weigher.stats]
@@ -461,7 +479,7 @@ def influence_scores(student: Student, train_rows: Rows, dev_rows: Rows, cfg: Tr
     def batches(rows: Rows, order: list[int]) -> Iterator[dict[str, torch.Tensor]]:
         for s in range(0, len(order), size):
             batch = student.collate([rows[i] for i in order[s : s + size]])
-            yield {k: v.to(device) for k, v in batch.items() if k != "teacher_states"}
+            yield {k: v.to(device) for k, v in batch.items() if k not in ("teacher_states", "subclass_targets")}
 
     dev_order = [i for i in dev_rows.longest_first() if dev_rows[i]["labels"] >= 0]
     train_order = train_rows.longest_first()

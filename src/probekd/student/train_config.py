@@ -85,6 +85,20 @@ class TrainConfig(BaseModel):
     hidden_match_alpha: float = Field(
         0.5, ge=0, le=1, description="`mi_alpha`'s interpolation: 1 = leave-one-out InfoNCE, 0 = NWJ."
     )
+    lelp: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of LELP's pseudo-subclass term (`probekd.student.lelp`): an extra head on the bi-encoder's "
+        "option embeddings learns the distribution over subclasses split from the teacher's cached states along "
+        "their principal directions outside the probe's; 0 = off. Only with `student.head: biencoder`, where "
+        "RUN/teacher/train/ is and the grid makes the probe's targets of the cell's labels.",
+    )
+    lelp_directions: int = Field(
+        2, ge=1, description="LELP: principal directions S; each option splits into 2S pseudo-subclasses."
+    )
+    lelp_temperature: float = Field(
+        1.0, gt=0, description="LELP: temperature of the subclass softmax (projections in standard deviations)."
+    )
     bf16: bool = Field(False, description="bfloat16 mixed precision (only on hardware with native bf16).")
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)  # type: ignore[arg-type]
     loss_options: dict[str, float] = Field(
