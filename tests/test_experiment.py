@@ -402,7 +402,8 @@ def test_config_errors(tmp_path: Path) -> None:
         load_config(None, ["train.temprature=2"])
     with pytest.raises(ConfigError, match=r"grid\.signals: .*unknown signal\(s\) \['logits'\]"):
         load_config(None, ["grid.signals=[hard, logits]"])
-    with pytest.raises(ConfigError, match=r"train\.weighting\.scheme: .*'none', 'paced', 'hard_filter' or 'influence'"):
+    schemes = r"'none', 'paced', 'hard_filter', 'influence' or 'ddk'"
+    with pytest.raises(ConfigError, match=r"train\.weighting\.scheme: .*" + schemes):
         load_config(None, ["train.weighting.scheme=always"])
     with pytest.raises(ConfigError, match=r"grid\.losses: .*'kll' is not a loss or `first>second`"):
         load_config(None, ["grid.losses=[fkl, kll]"])

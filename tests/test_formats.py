@@ -96,6 +96,28 @@ def test_generic_jsonl_answer_kinds(tmp_path: Path) -> None:
         read_examples(f)
 
 
+def test_domains_from_a_field_or_column_and_mmlu_subjects(tmp_path: Path) -> None:
+    """A `domain` field (JSON) or column (CSV), or the one `Columns.domain` names, is each question's domain (DDK's
+    mixture is over them); records without one have none; MMLU's questions have their subject."""
+    rows = [
+        {"id": "a", "question": "q", "options": ["x", "y"], "answer": 0, "domain": "law"},
+        {"id": "b", "question": "q", "options": ["x", "y"], "answer": 1, "domain": 3},
+        {"id": "c", "question": "q", "options": ["x", "y"], "answer": 1},
+    ]
+    f = write_lines(tmp_path / "train.jsonl", rows)
+    assert [e.domain for e in read_examples(f)] == ["law", "3", None]
+    renamed = [{k if k != "domain" else "topic": v for k, v in r.items()} for r in rows]
+    write_lines(f, renamed)
+    assert [e.domain for e in read_examples(f, columns=Columns(domain="topic"))] == ["law", "3", None]
+    assert [e.domain for e in read_examples(f)] == [None, None, None]
+    c = tmp_path / "train.csv"
+    c.write_text("question,A,B,answer,domain\nq1,x,y,A,bio\nq2,x,y,B,\n", encoding="utf-8")
+    assert [e.domain for e in read_examples(c)] == ["bio", None]
+    m = tmp_path / "anatomy_test.csv"
+    m.write_text("question,choice0,choice1,choice2,choice3,answer\nq,a,b,c,d,1\n", encoding="utf-8")
+    assert read_examples(m, "mmlu", meta={"subject": "anatomy"})[0].domain == "anatomy"
+
+
 def test_generic_jsonl_with_nested_mapping_and_array(tmp_path: Path) -> None:
     rows = [{"uid": 7, "q": {"text": "which?"}, "choices": {"text": ["p", "q"], "label": ["1", "2"]}, "key": "2"}]
     f = tmp_path / "test.json"

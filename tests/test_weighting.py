@@ -17,6 +17,9 @@ from probekd.student.train import train_student
 from probekd.student.train_config import TrainConfig
 from probekd.weighting import (
     WeightingConfig,
+    ddk_discrepancy,
+    ddk_mixture,
+    domain_weights,
     hard_filter_weights,
     normalize,
     paced_weights,
@@ -154,3 +157,73 @@ def test_resumed_weighted_student_keeps_its_weights(
     w_old, stats_old, params_old = run(tmp_path / "old")
     assert stats_old == stats_full and w_old == w_full
     np.testing.assert_allclose(params_old, params_full, rtol=1e-5, atol=1e-5)
+
+
+def test_ddk_discrepancy_and_smooth_update_by_hand() -> None:
+    """DDK on two domains: the factor is the softmax of the student/target loss ratios; the smooth update
+    multiplies the previous mixture by exp(factor), renormalizes, and mixes in the uniform floor (numbers by hand)."""
+    domains = np.array([0, 0, 1, 1, 1])
+    student = np.array([1.0, 3.0, 2.0, 2.0, 5.0])  # means 2 and 3
+    target = np.array([1.0, 1.0, 1.0, 0.5, 1.5])  # means 1 and 1: ratios 2 and 3
+    v = ddk_discrepancy(student, target, domains, 2)
+    np.testing.assert_allclose(v, [1 / (1 + np.e), np.e / (1 + np.e)])  # softmax of [2, 3]
+    r = ddk_mixture(np.array([0.4, 0.6]), v, smoothing=0.5)
+    psi = np.array([0.4 * np.exp(v[0]), 0.6 * np.exp(v[1])])
+    np.testing.assert_allclose(r, 0.5 * psi / psi.sum() + 0.25)
+    # one-hot targets (zero target loss) stay finite; a domain without rows gets the ratio 1
+    v0 = ddk_discrepancy(np.array([0.5, 0.5]), np.zeros(2), np.array([0, 0]), 3)
+    assert np.isfinite(v0).all() and v0[1] == v0[2] and v0[0] > v0[1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(gap=st.floats(0.1, 3.0), smoothing=st.floats(0.05, 1.0), d=st.integers(2, 6), steps=st.integers(1, 8))
+def test_ddk_mixture_moves_toward_the_domain_with_the_larger_gap(
+    gap: float, smoothing: float, d: int, steps: int
+) -> None:
+    """Domain 0, the smallest, trails its targets by more than the others (ratio 1 + gap against 1): every update
+    raises its share, every share stays >= (1 - smoothing) / D, and the row weights give each domain its share of
+    the loss with mean 1."""
+    domains = np.repeat(np.arange(d), np.arange(1, d + 1))  # unequal domain sizes
+    student = np.where(domains == 0, 1.0 + gap, 1.0)
+    target = np.ones(len(domains))
+    v = ddk_discrepancy(student, target, domains, d)
+    r = np.bincount(domains) / len(domains)
+    for _ in range(steps):
+        new = ddk_mixture(r, v, smoothing)
+        assert new[0] > r[0] - 1e-12  # starts below its fixed point (> 1/D), approached from below
+        np.testing.assert_allclose(new.sum(), 1.0)
+        assert (new >= (1 - smoothing) / d - 1e-12).all()
+        r = new
+    w = domain_weights(domains, r)
+    assert w.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(np.bincount(domains, weights=w) / len(domains), r)
+
+
+def test_ddk_weights_reach_the_trainer_and_need_domains(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """`weighting.scheme: ddk` with the rows' domains: each computation logs the mixture, which moves from the data's
+    own shares; the rows' weights are constant within a domain, mean 1; rows without domains are refused."""
+    from probekd.student.train import Rows
+    from test_student import mammal_task, rows_for
+
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    exs = mammal_task(24)
+    plain = rows_for(student, exs, 4)
+    domains = ["zoo" if i % 3 else "farm" for i in range(24)]  # 8 farm, 16 zoo
+    m = np.stack([r["option_mask"].numpy() for r in plain.rows])
+    soft = np.stack([r["targets"].numpy() for r in plain.rows])
+    rows = Rows([student.encode(e) for e in exs], m, np.array([e.answer for e in exs]), soft, domains=domains)
+    weighting = WeightingConfig(scheme="ddk", refresh_epochs=1 / 3, ddk_smoothing=0.8)  # 3 steps per epoch
+    cfg = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-3, weighting=weighting)
+    history = train_student(student, rows, rows, cfg, tmp_path / "ck", 0)
+    stats = [h["weighting"] for h in history if "weighting" in h]
+    assert [s["step"] for s in stats] == [0, 1, 2, 3]  # at the start, then after every step
+    mix = [s["mixture"] for s in stats]
+    assert all(sorted(x) == ["farm", "zoo"] and sum(x.values()) == pytest.approx(1.0, abs=1e-5) for x in mix)
+    assert mix[0] != {"farm": 1 / 3, "zoo": 2 / 3}  # moved from the data's shares at the first computation
+    w = np.array([r["weights"] for r in rows.rows])
+    assert w.mean() == pytest.approx(1.0)
+    for name in ("farm", "zoo"):
+        dw = w[np.array(domains) == name]
+        assert np.ptp(dw) == 0 and dw[0] == pytest.approx(mix[-1][name] / (np.mean(np.array(domains) == name)), 1e-4)
+    with pytest.raises(ProbekdError, match="needs a domain for every training question"):
+        train_student(student, plain, plain, cfg, tmp_path / "none", 0)

@@ -97,7 +97,8 @@ class GridConfig(BaseModel):
         None, description="Loss axis (values of train.loss, e.g. [fkl, akl, 'fkl>rkl']); default: train.loss alone."
     )
     weightings: list[Scheme] | None = Field(
-        None, description="Weighting axis (none, paced, hard_filter, influence); default: train.weighting.scheme alone."
+        None,
+        description="Weighting axis (none, paced, hard_filter, influence, ddk); default: train.weighting.scheme alone.",
     )
     selections: list[Selection] | None = Field(
         None,

@@ -85,8 +85,9 @@ def config_differences(
 def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
     """The student and training settings one grid cell's student is made with (those it does not read left out):
     `train` with the signal's tuned recipe (`train_by_signal`), the cell's loss and weighting scheme; `switch_at`
-    only under a two-stage loss, the weighting's other fields only when it is weighted (`influence_scale` only for
-    the influence weighting), the hidden-state matching and LELP fields only when the term is on."""
+    only under a two-stage loss, the weighting's other fields only when it is weighted (`influence_scale` and
+    `ddk_smoothing` only for their own scheme), the hidden-state matching and LELP fields only when the term is
+    on."""
     train = cfg.train_for(cell.signal).model_dump(mode="json")
     train["loss"] = cell.loss
     if ">" not in cell.loss:
@@ -100,8 +101,9 @@ def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
         del train["weighting"]
     else:
         train["weighting"]["scheme"] = cell.weighting
-        if cell.weighting != "influence":
-            del train["weighting"]["influence_scale"]
+        for scheme, key in (("influence", "influence_scale"), ("ddk", "ddk_smoothing")):
+            if cell.weighting != scheme:
+                del train["weighting"][key]
     student = cfg.student.model_dump(mode="json")
     if student["kind"] != "encoder":  # the encoder head means nothing to a causal student
         del student["head"]
@@ -403,11 +405,11 @@ def run_cell(
 def _rows(student: Any, examples: dict[str, MCQExample], ids: list[str], mask: np.ndarray, gold: np.ndarray,
           soft: np.ndarray | None = None, teacher_states: np.ndarray | None = None,
           subclass_targets: np.ndarray | None = None) -> Any:  # fmt: skip
-    """The student's encoded inputs of questions `ids` (`probekd.student.train.Rows`)."""
+    """The student's encoded inputs of questions `ids` (`probekd.student.train.Rows`), with their domains."""
     from probekd.student.train import Rows
 
     return Rows([student.encode(examples[i]) for i in ids], mask, gold, soft, teacher_states=teacher_states,
-                subclass_targets=subclass_targets)  # fmt: skip
+                subclass_targets=subclass_targets, domains=[examples[i].domain for i in ids])  # fmt: skip
 
 
 def _probe_targets_path(run: Path, cell: Cell) -> Path:

@@ -10,6 +10,11 @@ Weights are normalized to mean 1 over the training rows (`normalize`), so the we
 unweighted one and the learning rate means the same with and without weighting; the trainer then applies them in
 its usual reduction sum_i w_i l_i / n. `hard_filter` is the baseline that keeps every example whose pass rate is
 strictly between 0 and 1 (weight 1) and drops the rest.
+
+`ddk` (DDK, "Distilling Domain Knowledge for Efficient LLMs", Liu et al., 2024) weights by domain, not by example:
+the rows of a domain where the student trails its targets most get more of the loss (`ddk_mixture`,
+`domain_weights`); `influence` (KD-AIF) weights each row by its influence on the dev loss
+(`probekd.student.influence`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from probekd.errors import ProbekdError
 
-Scheme = Literal["none", "paced", "hard_filter", "influence"]
+Scheme = Literal["none", "paced", "hard_filter", "influence", "ddk"]
 
 
 class WeightingConfig(BaseModel):
@@ -32,7 +37,8 @@ class WeightingConfig(BaseModel):
     scheme: Scheme = Field(
         "none",
         description="`none`, `paced` (p^alpha (1-p)^beta), `hard_filter` (0 < p < 1), or `influence` (KD-AIF: "
-        "sigmoid of each row's first-order influence on the dev loss, `probekd.student.influence`).",
+        "sigmoid of each row's first-order influence on the dev loss, `probekd.student.influence`), or `ddk` (DDK: "
+        "a domain mixture that follows the student's gap to its targets per domain; needs a domain per question).",
     )
     alpha: float = Field(1.0, ge=0, description="PACED exponent of p.")
     beta: float = Field(1.0, ge=0, description="PACED exponent of 1 - p.")
@@ -51,6 +57,13 @@ class WeightingConfig(BaseModel):
         "head knows nothing); 0: computed from the student as it starts.",
     )
     refresh_epochs: float = Field(0.0, ge=0, description="Recompute pass rates every this many epochs; 0: once.")
+    ddk_smoothing: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="`ddk`: alpha of the factor smooth update r = alpha psi / sum(psi) + (1 - alpha) / D; 1: no "
+        "uniform share.",
+    )
     influence_scale: float = Field(
         1.0, gt=0, description="`influence`: kappa in sigmoid(kappa * s / std(s)); larger = weights further apart."
     )
@@ -121,11 +134,42 @@ def influence_weights(scores: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return normalize(1.0 / (1.0 + np.exp(-scale * s / sd)))
 
 
+def ddk_discrepancy(
+    student_loss: np.ndarray, target_loss: np.ndarray, domains: np.ndarray, n_domains: int
+) -> np.ndarray:
+    """DDK's domain discrepancy factor [D]: softmax over domains of mean student loss / mean target loss, each a
+    mean over the domain's rows (`domains` [N] in 0..D-1; the target loss floored at 1e-3 so one-hot targets stay
+    finite). A domain without rows gets the factor of a ratio of 1."""
+    s_sum = np.bincount(domains, weights=student_loss, minlength=n_domains)
+    t_sum = np.bincount(domains, weights=target_loss, minlength=n_domains)
+    count = np.bincount(domains, minlength=n_domains)
+    ratio = np.where(count > 0, s_sum / np.maximum(t_sum, 1e-3 * np.maximum(count, 1)), 1.0)
+    z = np.exp(ratio - ratio.max())
+    return z / z.sum()
+
+
+def ddk_mixture(previous: np.ndarray, discrepancy: np.ndarray, smoothing: float) -> np.ndarray:
+    """DDK's factor smooth update of the domain mixture [D]: psi = previous * exp(discrepancy), then
+    r = smoothing * psi / sum(psi) + (1 - smoothing) / D: the mixture moves towards the domains the student trails
+    most, by steps no larger than the discrepancy, with a uniform floor that keeps every domain in training."""
+    psi = np.asarray(previous, dtype=np.float64) * np.exp(np.asarray(discrepancy, dtype=np.float64))
+    return smoothing * psi / psi.sum() + (1.0 - smoothing) / len(psi)
+
+
+def domain_weights(domains: np.ndarray, mixture: np.ndarray) -> np.ndarray:
+    """Row weights [N] that give domain d the share mixture[d] of the loss: w_i = mixture[d_i] / share of d_i's rows
+    (mean 1 when the mixture sums to 1). In expectation the same gradient as sampling the rows by the mixture, which
+    DDK does, with every row still seen once per epoch (length-grouped batches and the epoch count unchanged)."""
+    count = np.bincount(domains, minlength=len(mixture)).astype(np.float64)
+    share = count / count.sum()
+    return np.asarray(mixture, dtype=np.float64)[domains] / share[domains]
+
+
 def weights_for(cfg: WeightingConfig, probs: np.ndarray, gold: np.ndarray, seed: int = 0) -> np.ndarray:
     """Normalized weights of `cfg` from the student's probabilities and the gold (or pseudo-gold) options (not for
     `influence`, whose weights come from gradients: `influence_weights`)."""
-    if cfg.scheme == "influence":
-        raise ProbekdError("influence weights come from the student's gradients, not its probabilities")
+    if cfg.scheme in ("influence", "ddk"):
+        raise ProbekdError(f"{cfg.scheme} weights do not come from the student's pass rates alone")
     if cfg.scheme == "none":
         return np.ones(len(gold))
     return normalize(scheme_weights(cfg, pass_rates(probs, gold, cfg.pass_rate, cfg.samples, seed)))

@@ -48,6 +48,13 @@ class MCQExample:
         return len(self.options)
 
     @property
+    def domain(self) -> str | None:
+        """The question's domain (DDK's mixture is over domains): a `domain` field of the data, else MMLU's subject;
+        None when the data has neither."""
+        value = self.meta.get("domain", self.meta.get("subject"))
+        return None if value is None else str(value)
+
+    @property
     def labelled(self) -> bool:
         """Whether the gold answer is known."""
         return self.answer is not None

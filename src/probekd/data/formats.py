@@ -51,6 +51,11 @@ class Columns(BaseModel):
         "default A, B, C, ...",
     )
     answer: str = Field("answer", description="Field with the gold answer; missing or empty means unlabelled.")
+    domain: str | None = Field(
+        "domain",
+        description="Field with the question's domain (a subject, a source), kept for DDK's domain mixture "
+        "(`grid.weightings: [ddk]`); optional in every record.",
+    )
     answer_type: Literal["auto", "index", "label", "text"] = Field(
         "auto",
         description="How to read the answer: `index` (0-based), `label` (one of the labels), `text` (equal to one "
@@ -270,7 +275,11 @@ def records_to_examples(
         )
         raw_id = _get(rec, columns.id, where, required=False) if columns.id else None
         ex_id = str(raw_id) if raw_id not in (None, "") else f"{id_prefix}{n}"
-        out.append(MCQExample(ex_id, _as_text(q, where), tuple(options), answer, {"source": where, "labels": labels}))
+        meta: dict[str, Any] = {"source": where, "labels": labels}
+        domain = _get(rec, columns.domain, where, required=False) if columns.domain else None
+        if domain not in (None, ""):
+            meta["domain"] = _as_text(domain, where)
+        out.append(MCQExample(ex_id, _as_text(q, where), tuple(options), answer, meta))
     return out
 
 

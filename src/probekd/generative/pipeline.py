@@ -148,9 +148,10 @@ class GenerativeGrid(BaseModel):
     @field_validator("weightings")
     @classmethod
     def _pass_rate_weightings(cls, v: list[Scheme]) -> list[Scheme]:
-        if "influence" in v:
-            raise ValueError("the influence weighting (KD-AIF) is for multiple-choice students; a generative grid "
-                             "weights by pass rates: none, paced or hard_filter")  # fmt: skip
+        for scheme, name in (("influence", "the influence weighting (KD-AIF)"), ("ddk", "the ddk domain mixture")):
+            if scheme in v:
+                raise ValueError(f"{name} is for multiple-choice students; a generative grid weights by pass rates: "
+                                 "none, paced or hard_filter")  # fmt: skip
         return v
 
     @model_validator(mode="after")

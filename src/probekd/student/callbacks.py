@@ -16,7 +16,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from probekd.atomic import write_json
 from probekd.errors import ProbekdError
-from probekd.weighting import WeightingConfig, influence_weights, weight_stats, weights_for
+from probekd.weighting import (
+    WeightingConfig,
+    ddk_discrepancy,
+    ddk_mixture,
+    domain_weights,
+    influence_weights,
+    weight_stats,
+    weights_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +43,9 @@ class PassRateWeights(TrainerCallback):
 
     `rows` holds dicts with `labels` (-1 unlabelled: the argmax of `targets` stands in) and `weights`;
     `probabilities()` gives the student's current option probabilities on them [N, K]; `influence(step)` the rows'
-    influence scores (scheme `influence`, KD-AIF: the weights come from them, the pass rates are only logged)."""
+    influence scores (scheme `influence`, KD-AIF: the weights come from them, the pass rates are only logged).
+    Scheme `ddk` needs `domains`, the rows' domain names: its state, the domain mixture, moves at each computation
+    (`probekd.weighting.ddk_mixture`) and is kept in the statistics, so a resumed student continues from it."""
 
     def __init__(
         self,
@@ -45,9 +55,17 @@ class PassRateWeights(TrainerCallback):
         steps_per_epoch: int,
         seed: int,
         influence: Callable[[int], np.ndarray] | None = None,
+        domains: list[str] | None = None,
     ) -> None:
         if cfg.scheme == "influence" and influence is None:
             raise ProbekdError("the influence weighting needs the rows' influence scores")
+        if cfg.scheme == "ddk":
+            if domains is None or len(domains) != len(rows) or any(d is None for d in domains):
+                raise ProbekdError("the ddk weighting needs a domain for every training question (MMLU's subject, or "
+                                   "a `domain` field or column in your data)")  # fmt: skip
+            self.domain_names = sorted(set(domains))
+            self.domains = np.array([self.domain_names.index(d) for d in domains])
+            self.mixture = np.bincount(self.domains) / len(self.domains)  # the data's own mixture until updated
         self.rows = rows
         self.probabilities = probabilities
         self.influence = influence
@@ -66,6 +84,14 @@ class PassRateWeights(TrainerCallback):
         p = probs[np.arange(len(gold)), gold]
         if self.influence is not None and self.cfg.scheme == "influence":
             return influence_weights(self.influence(step), self.cfg.influence_scale), p
+        if self.cfg.scheme == "ddk":
+            targets = np.stack([r["targets"].numpy() for r in rows])
+            idx = np.arange(len(gold))
+            student_loss = -np.log(np.clip(probs[idx, gold], 1e-12, None))
+            target_loss = -np.log(np.clip(targets[idx, gold], 1e-12, None))
+            v = ddk_discrepancy(student_loss, target_loss, self.domains, len(self.domain_names))
+            self.mixture = ddk_mixture(self.mixture, v, self.cfg.ddk_smoothing)
+            return domain_weights(self.domains, self.mixture), p
         return weights_for(self.cfg, probs, gold, self.seed + step), p
 
     def _update(self, model: Any, step: int) -> None:
@@ -75,6 +101,8 @@ class PassRateWeights(TrainerCallback):
         for row, wi in zip(self.rows, w, strict=True):
             row["weights"] = float(wi)
         self.stats.append({"step": step, **weight_stats(w, p)})
+        if self.cfg.scheme == "ddk":
+            self.stats[-1]["mixture"] = dict(zip(self.domain_names, np.round(self.mixture, 6).tolist(), strict=True))
         log.info(
             "%s weights at step %d: mean pass rate %.3f, effective sample size %.1f%%, zero weight %.1f%%",
             self.cfg.scheme, step, p.mean(), 100 * self.stats[-1]["ess_share"], 100 * self.stats[-1]["zero_share"],
@@ -89,6 +117,8 @@ class PassRateWeights(TrainerCallback):
             for row, wi in zip(self.rows, kept["weights"], strict=True):
                 row["weights"] = float(wi)
             self.stats = kept["stats"]
+            if self.cfg.scheme == "ddk" and self.stats:  # the mixture the next update moves from
+                self.mixture = np.array([self.stats[-1]["mixture"][d] for d in self.domain_names])
             log.info("%s weights restored from %s (computed at steps %s)", self.cfg.scheme, saved,
                      [st["step"] for st in self.stats])  # fmt: skip
         elif state.global_step >= self.warmup:  # from the start, without a warm-up (`train_student` never resumes

@@ -74,7 +74,8 @@ ROW_EXTRAS = ("targets", "weights", "labels", "teacher_states", "subclass_target
 
 class Rows(Dataset):
     """Encoded examples with their targets [K], label and weight (and, for hidden-state matching, the teacher's
-    standardized states [K, H]; for LELP, the pseudo-subclass distributions [K, S2]), as `Trainer` reads them."""
+    standardized states [K, H]; for LELP, the pseudo-subclass distributions [K, S2]), as `Trainer` reads them;
+    `domains`, the rows' domains for DDK's mixture, are kept beside them."""
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class Rows(Dataset):
         weights: np.ndarray | None = None,
         teacher_states: np.ndarray | None = None,
         subclass_targets: np.ndarray | None = None,
+        domains: list[str | None] | None = None,
     ) -> None:
         n = len(encoded)
         per_option = {"teacher_states": teacher_states, "subclass_targets": subclass_targets}
@@ -93,12 +95,14 @@ class Rows(Dataset):
             not (mask.shape[0] == labels.shape[0] == n)
             or (targets is not None and targets.shape != mask.shape)
             or any(v.shape[:2] != mask.shape for v in per_option.values())
+            or (domains is not None and len(domains) != n)
         ):
             raise ValueError(
                 f"rows: {n} encoded, mask {mask.shape}, labels {labels.shape}, "
                 f"targets {None if targets is None else targets.shape}, "
                 + ", ".join(f"{k} {v.shape}" for k, v in per_option.items())
             )
+        self.domains = domains  # each row's domain (DDK's mixture), outside the row dicts: the model never sees it
         self.rows = []
         # longest token sequence of each row (the encoder's longest option pair, the prompt, or the prefix and its
         # longest continuation): for batching
@@ -411,6 +415,7 @@ def train_student(
             _steps_per_epoch(train_rows, cfg),
             seed,
             influence=lambda step: influence_scores(student, train_rows, dev_rows, cfg, cfg.loss_at(step, max_steps)),
+            domains=train_rows.domains,
         )
         trainer.add_callback(weigher)
     last = get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
