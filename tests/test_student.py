@@ -402,3 +402,18 @@ def test_a_causal_student_is_refused_under_ddp(tiny_llama_dir: Path, tmp_path: P
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ProbekdError, match="causal student does not train under DDP .* --workers N"):
         make_trainer(student, rows_for(student, mammal_task(8), 4), None, TrainConfig(batch_size=8), tmp_path, 0)
+
+
+def test_min_steps_gives_a_small_training_set_more_epochs(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """`train.min_steps`: 12 rows at batch 4 are 3 steps an epoch; 2 epochs are 6 steps, so min_steps 15 trains
+    5 epochs (15 steps, a dev evaluation after each epoch), and min_steps 4 changes nothing."""
+    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=1e-3)
+    assert cfg.epochs_for(3) == 2
+    assert cfg.model_copy(update={"min_steps": 15}).epochs_for(3) == 5
+    assert cfg.model_copy(update={"min_steps": 4}).epochs_for(3) == 2
+    assert cfg.model_copy(update={"min_steps": 7}).epochs_for(3) == pytest.approx(7 / 3)
+    student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
+    rows, dev = rows_for(student, mammal_task(12), 4), rows_for(student, mammal_task(8, seed=1), 4)
+    history = train_student(student, rows, dev, cfg.model_copy(update={"min_steps": 15}), tmp_path / "ck", 0)
+    assert [h["step"] for h in history if "train_runtime" in h] == [15]
+    assert len([h for h in history if "eval_accuracy" in h]) == 5

@@ -321,6 +321,7 @@ def make_trainer(
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of grad_accum x processes "
                          f"({cfg.grad_accum} x {world})")  # fmt: skip
     steps_per_epoch = _steps_per_epoch(train_rows, cfg)
+    epochs = cfg.epochs_for(steps_per_epoch)
     with_dev = dev_rows is not None
     report_to, trackers = _trackers(cfg, log_file.with_suffix("") if log_file is not None else None)
     kwargs: dict[str, Any] = {
@@ -328,10 +329,10 @@ def make_trainer(
         "per_device_train_batch_size": cfg.batch_size // (cfg.grad_accum * world),
         "per_device_eval_batch_size": cfg.eval_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
-        "num_train_epochs": cfg.epochs,
+        "num_train_epochs": epochs,
         "learning_rate": cfg.learning_rate,
         "weight_decay": cfg.weight_decay,
-        "warmup_steps": int(cfg.warmup_ratio * steps_per_epoch * cfg.epochs),
+        "warmup_steps": int(cfg.warmup_ratio * steps_per_epoch * epochs),
         "lr_scheduler_type": "linear",
         "eval_strategy": "epoch" if with_dev else "no",
         "save_strategy": "epoch",
@@ -407,12 +408,13 @@ def train_student(
     )
     weigher = None
     if cfg.weighting.scheme != "none":
-        max_steps = math.ceil(cfg.epochs * _steps_per_epoch(train_rows, cfg))
+        steps_per_epoch = _steps_per_epoch(train_rows, cfg)
+        max_steps = math.ceil(cfg.epochs_for(steps_per_epoch) * steps_per_epoch)
         weigher = PassRateWeights(
             train_rows.rows,
             lambda: predict(student, train_rows, cfg.eval_batch_size),
             cfg.weighting,
-            _steps_per_epoch(train_rows, cfg),
+            steps_per_epoch,
             seed,
             influence=lambda step: influence_scores(student, train_rows, dev_rows, cfg, cfg.loss_at(step, max_steps)),
             domains=train_rows.domains,

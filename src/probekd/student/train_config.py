@@ -56,6 +56,12 @@ class TrainConfig(BaseModel):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; 1 - alpha goes to gold CE.")
     temperature: float = Field(2.0, gt=0, description="Student softmax temperature in the distillation term.")
     epochs: float = Field(4, gt=0, description="Passes over the training rows.")
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description="At least this many optimizer steps: a small labelled share trains more epochs, so every "
+        "fraction of a grid gets the optimization budget of the one the recipe was tuned at; 0 = `epochs` alone.",
+    )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (linear warm-up, then linear decay).")
     batch_size: int = Field(16, ge=1, description="Examples per optimizer step (micro-batch x accumulation).")
     grad_accum: int = Field(1, ge=1, description="Gradient-accumulation micro-batches per optimizer step.")
@@ -124,12 +130,17 @@ class TrainConfig(BaseModel):
         check_loss_options(self.loss, self.loss_options)
         return self
 
+    def epochs_for(self, steps_per_epoch: int) -> float:
+        """The epochs a student with `steps_per_epoch` optimizer steps per epoch trains: `epochs`, or more when
+        that is fewer than `min_steps` steps."""
+        return max(self.epochs, self.min_steps / steps_per_epoch) if self.min_steps else self.epochs
+
     def first_changed_step(self, weighting: str, steps_per_epoch: int) -> int | None:
         """Optimizer steps a student with this loss and `weighting` trains exactly like the forward-KL, unweighted
         one of the same cell (same data order): 0 for a different loss from the start, the switch of `fkl>...`, the
         weighting's warm-up; None when it is that default. A model kept (best dev epoch) at or before this step is
         the default's model, so it says nothing about the variant."""
-        max_steps = math.ceil(self.epochs * steps_per_epoch)
+        max_steps = math.ceil(self.epochs_for(steps_per_epoch) * steps_per_epoch)
         parts = self.loss.split(">")
         changes = []
         if parts[0] != "fkl":
