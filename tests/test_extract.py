@@ -473,3 +473,23 @@ def test_probekd_run_under_torchrun_shares_the_extraction_and_the_students(
                            env=env, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "students" / "probe-f1-s0" / "metrics.json").read_text() == before
+
+
+def test_auto_compute_dtype_is_bf16_on_cuda_and_on_cpus_with_native_bf16(tmp_path: Path) -> None:
+    """`compute_dtype: auto` reads the CPU's flags: AMX-BF16 or AVX-512 BF16 give bfloat16, AVX2 alone float32 (this
+    project's 2-core AVX2 machine), an unreadable file float32; CUDA is bfloat16 whatever the CPU."""
+    from probekd.teacher.extract import auto_compute_dtype, native_bf16_cpu
+
+    def cpuinfo(flags: str) -> str:
+        f = tmp_path / f"cpuinfo-{len(flags)}"
+        f.write_text(f"processor\t: 0\nmodel name\t: some cpu\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+        return str(f)
+
+    avx2 = cpuinfo("fpu sse sse2 avx avx2 fma")
+    sapphire = cpuinfo("fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    cooper = cpuinfo("fpu avx2 avx512f avx512_bf16")
+    assert not native_bf16_cpu(avx2) and native_bf16_cpu(sapphire) and native_bf16_cpu(cooper)
+    assert not native_bf16_cpu(str(tmp_path / "missing"))
+    assert auto_compute_dtype(torch.device("cpu"), avx2) == torch.float32
+    assert auto_compute_dtype(torch.device("cpu"), sapphire) == torch.bfloat16
+    assert auto_compute_dtype(torch.device("cuda"), avx2) == torch.bfloat16

@@ -48,7 +48,9 @@ class ExtractConfig(BaseModel):
         "float16", description="dtype of cached hidden states; float16 refuses values beyond its range."
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="dtype of the forward pass: auto = float32 on CPU, bfloat16 on CUDA."
+        "auto",
+        description="dtype of the forward pass: auto = bfloat16 on CUDA and on CPUs with native bfloat16 matmul "
+        "(AMX or AVX-512 BF16), float32 on other CPUs.",
     )
     device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:1`, ...")
     device_map: Literal["auto"] | None = Field(
