@@ -4,7 +4,10 @@ accumulation 2 x 4 equals batch 8; a tokenizer without single-token letters is r
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -393,15 +396,39 @@ def test_mixup_pairs_rows_of_the_same_options_and_mixes_embeddings_and_losses(
         make_trainer(cross, rows_for(cross, exs, 4), None, TrainConfig(mixup=0.4), tmp_path / "cross", 0)
 
 
-def test_a_causal_student_is_refused_under_ddp(tiny_llama_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """Under a launcher (WORLD_SIZE > 1) a causal student is refused with what to do instead: its scorers call the
-    decoder's parts directly, so DDP would not synchronize its gradients."""
-    student = build_student(StudentConfig(model=str(tiny_llama_dir), kind="causal", formulation="option",
-                                          prompt="base"), k=4, seed=0)  # fmt: skip
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ProbekdError, match="causal student does not train under DDP .* --workers N"):
-        make_trainer(student, rows_for(student, mammal_task(8), 4), None, TrainConfig(batch_size=8), tmp_path, 0)
+def test_causal_students_under_ddp_step_as_one_process(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Under torchrun (2 gloo ranks, 8 rows each) one SGD step of a causal student leaves both ranks with the same
+    parameters, equal to one process's step on all 16 rows: its scorers go through the DDP-wrapped forward, so the
+    gradients are all-reduced (the letter scorer trained in full, the option scorer with LoRA). Without the
+    synchronization each rank would step on its own 8 rows and the ranks would differ."""
+    script = Path(__file__).with_name("ddp_student_worker.py")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    alone = subprocess.run([sys.executable, str(script), str(tiny_llama_dir), str(tmp_path)], capture_output=True,
+                           text=True, env=env, timeout=600)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                str(script), str(tiny_llama_dir), str(tmp_path)]  # fmt: skip
+    both = subprocess.run(torchrun, capture_output=True, text=True, env=env, timeout=600)
+    assert both.returncode == 0, both.stderr[-3000:]
+    for name in ("letter", "option-lora"):
+        one = torch.load(tmp_path / f"{name}-world1-rank0.pt")
+        r0, r1 = (torch.load(tmp_path / f"{name}-world2-rank{r}.pt") for r in (0, 1))
+        start = build_student(
+            StudentConfig(
+                model=str(tiny_llama_dir),
+                kind="causal",
+                prompt="base",
+                formulation=name.split("-")[0],
+                lora=name.endswith("lora"),
+            ),
+            k=4,
+            seed=0,
+        )
+        before = torch.cat([p.detach().flatten() for p in start.model.parameters() if p.requires_grad])
+        assert (one - before).abs().max() > 1e-3  # the step moved the parameters
+        torch.testing.assert_close(r0, r1, rtol=0, atol=1e-6)
+        torch.testing.assert_close(r0, one, rtol=1e-4, atol=1e-5)
 
 
 def test_min_steps_gives_a_small_training_set_more_epochs(tiny_bert_dir: Path, tmp_path: Path) -> None:

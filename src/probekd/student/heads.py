@@ -86,8 +86,27 @@ def _pad_options(logits: torch.Tensor, option_mask: torch.Tensor) -> torch.Tenso
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper, or the model itself."""
+    """The transformers model under a DDP and/or peft wrapper, or the model itself."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_output(model: nn.Module, **inputs: Any) -> Any:
+    """The causal LM's decoder output (`last_hidden_state`, the cache) for `inputs`. Under DDP the pass goes through
+    the wrapped model's own forward, as DDP needs to synchronize the step's gradients, with the language-model head
+    applied to one position only (`logits_to_keep=1`, unused), and a forward hook on the decoder takes its output;
+    otherwise the decoder runs alone (no logits at all)."""
+    decoder = base_model(model).get_decoder()
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return decoder(**inputs)
+    taken: list[Any] = []
+    handle = decoder.register_forward_hook(lambda _module, _args, out: taken.append(out))
+    try:
+        model(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return taken[0]
 
 
 # A scorer turns a batch of `Student.collate` into K-way option logits [B, K] (masked options -inf) with the student's
@@ -146,8 +165,7 @@ def biencoder_embeddings(
 def biencoder_scores(model: nn.Module, q: torch.Tensor, o: torch.Tensor, option_mask: torch.Tensor) -> torch.Tensor:
     """s * cos(q, o_k) [B, K] from the embeddings of `biencoder_embeddings` (or mixtures of them)."""
     cos = torch.nn.functional.cosine_similarity(q[:, None], o, dim=-1)
-    if isinstance(model, nn.parallel.DistributedDataParallel):  # under DDP: the scale is the wrapped model's
-        model = model.module  # (its gradient is still all-reduced: DDP hooks every parameter of the module)
+    # under DDP the scale is the wrapped model's (its gradient is still all-reduced: DDP hooks every parameter)
     scale = getattr(base_model(model), LOGIT_SCALE).float().exp()
     return _pad_options(scale * cos, option_mask)
 
@@ -191,7 +209,7 @@ class LetterScorer:
         **_: Any,
     ) -> torch.Tensor:
         base = base_model(model)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = decoder_output(model, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = attention_mask.sum(1) - 1
         final = hidden[torch.arange(len(last), device=last.device), last]
         head = base.get_output_embeddings()
@@ -220,15 +238,17 @@ def option_logits(
 
     b, kb, c = option_ids.shape
     base = base_model(model)
-    decoder = base.get_decoder()
     cache = DynamicCache()
-    pre = decoder(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+    pre = decoder_output(
+        model, input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True
+    )
     plen = attention_mask.sum(1)
     pre_last = pre.last_hidden_state[torch.arange(b, device=plen.device), plen - 1]  # predicts token 0
     cache.batch_repeat_interleave(kb)
     ids = option_ids.reshape(b * kb, c)
     om = option_attention.reshape(b * kb, c)
-    hidden = decoder(
+    hidden = decoder_output(
+        model,
         input_ids=ids,
         attention_mask=torch.cat([attention_mask.repeat_interleave(kb, 0), om], 1),
         position_ids=plen.repeat_interleave(kb)[:, None] + torch.arange(c, device=plen.device),

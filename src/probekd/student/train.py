@@ -352,10 +352,9 @@ def make_trainer(
         "disable_tqdm": True,
     }
     if world > 1 and student.cfg.kind == "causal":
-        # its scorers call the decoder's parts directly (not the DDP-wrapped forward), so DDP would not all-reduce
-        # its gradients: each rank would train on its share alone
-        raise ProbekdError("a causal student does not train under DDP (torchrun) yet; spread its grid with "
-                           "`probekd run ... --stage students --workers N` (one process per cell) instead")  # fmt: skip
+        # its scorers run the decoder through the DDP-wrapped forward (`heads.decoder_output`) and apply the output
+        # layer to the positions they need themselves, outside that forward: DDP must not look for unused parameters
+        kwargs["ddp_find_unused_parameters"] = False
     if world > 1 and student.scorer is biencoder_logits:
         # DDP and the bi-encoder: the scale is used outside the model's forward and the encoder is called twice per
         # step, so DDP must not look for unused parameters (it would mark the scale ready before its gradient);
