@@ -831,3 +831,22 @@ def test_students_under_torchrun_train_together_and_rank_0_writes(
     assert (run / "students" / "probe-f1-s0" / "metrics.json").read_text() == before  # skipped by both ranks
     refused = subprocess.run([*torchrun, "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert refused.returncode != 0 and "use one or the other" in refused.stderr
+
+
+def test_options_added_later_are_left_out_of_a_default_cells_fingerprint() -> None:
+    """A cell trained with every later option off has the fingerprint it had before the options existed, so finished
+    students and recipe-search trials stay valid: the recorded fingerprint of ARC-Challenge's first search trial
+    (results/arc_challenge-smollm2-minilm/tune/hard/t0-s0.json, written on 2026-12-07 before Mixup, hidden-state
+    matching, LELP, DDK and min_steps existed) and the training keys of such a cell."""
+    from probekd.config import Cell
+    from probekd.experiment import cell_training
+    from probekd.teacher.cache import fingerprint
+
+    cfg = load_config(Path(__file__).parents[1] / "experiments" / "arc_challenge-smollm2-minilm.yaml")
+    recipe = {"epochs": 3.0, "learning_rate": 0.0003, "warmup_ratio": 0.1, "weight_decay": 0.01}
+    cfg = cfg.model_copy(update={"train_by_signal": {"hard": recipe}})
+    training = cell_training(cfg, Cell("hard", 0.25, 0, "fkl", "none"))
+    assert sorted(training["train"]) == ["alpha", "batch_size", "bf16", "epochs", "eval_batch_size", "grad_accum",
+                                         "group_by_length", "learning_rate", "loss", "loss_options", "report_to",
+                                         "temperature", "warmup_ratio", "weight_decay"]  # fmt: skip
+    assert fingerprint(training) == "d8b8a1f6bbccd6352389d3ac4c2d085a5dba69d4de9376053ad0e303305ae5b5"

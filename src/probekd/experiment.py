@@ -92,8 +92,9 @@ def cell_training(cfg: RunConfig, cell: Cell) -> dict[str, Any]:
     train["loss"] = cell.loss
     if ">" not in cell.loss:
         del train["switch_at"]
-    if not train["min_steps"]:  # off: left out, as before the option existed (recorded fingerprints hold)
-        del train["min_steps"]
+    for option in ("min_steps", "mixup"):
+        if not train[option]:  # off: left out, as before the option existed (recorded fingerprints hold)
+            del train[option]
     for term, fields in (("hidden_match", ("hidden_match_loss", "hidden_match_alpha")),
                          ("lelp", ("lelp_directions", "lelp_temperature"))):  # fmt: skip
         if not train[term]:  # off: left out, as before the option existed (recorded fingerprints hold)
