@@ -59,11 +59,13 @@ def test_the_term_is_the_joint_kl_minus_the_option_kl(seed: int, s2: int) -> Non
 
 
 def _planted(rng: np.random.Generator, n: int = 300, k: int = 4, h: int = 8) -> tuple[np.ndarray, ...]:
-    """States whose logits follow w* (plus a per-question constant), with one large direction e1 outside w*."""
+    """States whose logits follow w* (plus a per-question constant), with one large direction e1 outside w* that
+    varies between a question's options, and a larger one, e3, shared by all options of a question."""
     mask = _random_mask(rng, n, k)
     scale = np.ones(h)
-    scale[1] = 6.0  # e1: the widest direction of what is left once w* is taken out
+    scale[1] = 6.0  # e1: the widest direction of what tells options apart once w* is taken out
     states = rng.normal(size=(n, k, h)) * scale
+    states[..., 3] += rng.normal(size=(n, 1)) * 20.0  # e3: the question, the same for its options
     w = np.zeros(h)
     w[0], w[2] = 3.0, 4.0  # the classifier: (0.6, 0, 0.8, 0...) once normalized
     logits = states @ w + rng.normal(size=(n, 1)) * 5  # a question's logits up to a constant
@@ -81,8 +83,9 @@ def test_the_classifier_direction_is_recovered_and_removed() -> None:
 
 def test_subclasses_split_along_sklearns_principal_directions_outside_the_classifier() -> None:
     """q = softmax over (+a, -a) / T of the standardized projections on the top principal directions of the states
-    with the classifier's direction removed (scikit-learn's PCA of those residuals, up to each direction's sign);
-    rows are distributions over 2S subclasses, absent options are 0, a lower temperature is sharper."""
+    with the classifier's direction removed and centred within each question (scikit-learn's PCA of those residuals,
+    up to each direction's sign): the planted option-level direction comes first, the larger question-level one is
+    not picked; rows are distributions over 2S subclasses, absent options are 0, a lower temperature is sharper."""
     rng = np.random.default_rng(1)
     states, mask, logits, _ = _planted(rng)
     q = lelp.subclass_targets(states, mask, logits, directions=2, temperature=1.0)
@@ -91,9 +94,12 @@ def test_subclasses_split_along_sklearns_principal_directions_outside_the_classi
     assert (q[~mask] == 0).all()
     u = lelp.classifier_direction(states, mask, logits)
     r = states - (states @ u)[..., None] * u
+    assert abs(PCA(n_components=1).fit(r[mask]).components_[0][3]) > 0.99  # uncentred, the question's e3 would win
+    r = (r - (r * mask[..., None]).sum(1, keepdims=True) / mask.sum(1)[:, None, None]) * mask[..., None]
     pca = PCA(n_components=2).fit(r[mask])
-    a = pca.transform(r[mask]) / np.sqrt(pca.explained_variance_ * (mask.sum() - 1) / mask.sum())  # population sd
-    assert abs(pca.components_[0][1]) > 0.99  # the planted wide direction comes first
+    # sklearn centres over the rows (their mean is 0 here already) and scales by n - 1: back to the population sd
+    a = pca.transform(r[mask]) / np.sqrt(pca.explained_variance_ * (mask.sum() - 1) / mask.sum())
+    assert abs(pca.components_[0][1]) > 0.99  # centred within questions, the option-level e1 comes first
     # q's log-odds between the two half-axes of direction s are 2 a_s / T: equal to sklearn's up to the sign
     log_odds = np.log(q[mask][:, :2]) - np.log(q[mask][:, 2:])
     for d in range(2):
@@ -109,15 +115,17 @@ def test_trainer_adds_the_subclass_term_and_saves_the_plain_encoder(tiny_bert_di
     """The trainer's loss is mean_i [distill_i + lelp x term_i] with the head's logits on the option embeddings (by
     hand); evaluation adds nothing; training moves the head; the trained student has no head left; the term needs a
     bi-encoder and rows with subclass targets."""
-    exs = mammal_task(12)
+    exs = mammal_task(8) + mammal_task(4, k=3, seed=5)  # some 3-option rows: batches narrower than the run's K
     student = build_student(StudentConfig(model=str(tiny_bert_dir), head="biencoder"), k=4, seed=0)
     plain = rows_for(student, exs, 4)
     m = np.stack([r["option_mask"].numpy() for r in plain.rows])
     soft = np.stack([r["targets"].numpy() for r in plain.rows])
     y = np.array([r["labels"] for r in plain.rows])
-    q = np.random.default_rng(0).dirichlet(np.ones(6), size=(12, 4)).astype(np.float32)
+    q = np.random.default_rng(0).dirichlet(np.ones(6), size=(12, 4)).astype(np.float32) * m[..., None]
     rows = Rows([student.encode(e) for e in exs], m, y, soft, subclass_targets=q)
     batch = student.collate([rows[i] for i in range(len(rows))])
+    three = student.collate([rows[i] for i in range(8, 12)])  # a batch of 3-option rows only
+    assert three["option_ids"].shape[1] == 3 and three["subclass_targets"].shape[1] == 4
     cfg = TrainConfig(alpha=0.5, temperature=2.0, lelp=0.7)
     trainer = make_trainer(student, rows, None, cfg, tmp_path / "t", 0)
     head = getattr(student.model, lelp.HEAD)
@@ -132,6 +140,14 @@ def test_trainer_adds_the_subclass_term_and_saves_the_plain_encoder(tiny_bert_di
         term = lelp.subclass_loss(head(o), batch["subclass_targets"], batch["targets"], batch["option_mask"])
         assert float(term.mean()) > 0
         assert got == pytest.approx(float((per + 0.7 * term).mean()), rel=1e-5)
+        qe, o = biencoder_embeddings(student.model, three["input_ids"], three["attention_mask"],
+                                     three["option_ids"], three["option_attention"])  # fmt: skip
+        per3 = distill_loss(biencoder_scores(student.model, qe, o, three["option_mask"]), three["targets"],
+                            three["labels"], three["option_mask"], alpha=0.5, temperature=2.0)  # fmt: skip
+        term3 = lelp.subclass_loss(head(o), three["subclass_targets"][:, :3], three["targets"][:, :3],
+                                   three["option_mask"][:, :3])  # fmt: skip
+        got3 = float(trainer.compute_loss(student.model, dict(three)))
+        assert got3 == pytest.approx(float((per3 + 0.7 * term3).mean()), rel=1e-5)
         student.model.eval()
         assert float(trainer.compute_loss(student.model, dict(batch))) == pytest.approx(float(per.mean()), rel=1e-5)
     cfg = TrainConfig(epochs=2, learning_rate=1e-2, batch_size=4, lelp=1.0)
@@ -166,6 +182,17 @@ def test_a_grid_cell_takes_its_subclasses_from_its_own_probe(
     want = lelp.subclass_targets(states, mask, np.log(np.clip(probs, 1e-8, None)), 2)
     rows = np.array([5, 1, 9])
     np.testing.assert_array_equal(lelp_subclasses(run, rows, kmax, cell, 2, 1.0), want[rows])
+    # the training rows prepare_cell hands the trainer carry the subclasses of their own questions
+    from probekd.experiment import examples_by_id, prepare_cell
+    from probekd.layout import load_answers
+
+    cfg = load_config(None, base=base)
+    _, train_rows, _, info = prepare_cell(run, cfg, cell, load_answers(run), examples_by_id(cfg, ("train", "dev")))
+    hard_ids = set(SoftTargets.load(run / "targets" / "hard-f0.5-s0.npz").ids)  # the cell's labelled questions
+    labelled = [i for i, x in enumerate(cache.ids) if x in hard_ids]
+    assert len(train_rows) == len(labelled) == info["n_labelled"]
+    got = np.stack([r["subclass_targets"].numpy() for r in train_rows.rows])
+    np.testing.assert_array_equal(got, want[labelled])
     from safetensors import safe_open
 
     for f in (run / "students" / "probe-f0.5-s0" / "model").glob("*.safetensors"):
