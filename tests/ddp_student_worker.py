@@ -1,6 +1,8 @@
 """Run by `tests/test_student.py::test_causal_students_under_ddp_step_as_one_process` under torchrun (2 gloo ranks)
 and once alone: one optimizer step (plain SGD, constant rate, 16 rows in the step) of a tiny causal student, the
-letter scorer trained in full and the option scorer with LoRA, each trained parameter vector saved per rank.
+letter scorer trained in full and the option scorer with LoRA; then two steps of 2 accumulated micro-batches each
+of the option scorer with LoRA (DDP's no-sync micro-batch, and a second forward after the first step); each trained
+parameter vector saved per rank.
 
     python tests/ddp_student_worker.py MODEL_DIR OUT"""
 
@@ -21,11 +23,14 @@ from test_student import mammal_task, rows_for
 
 
 def main(model_dir: str, out: Path) -> None:
-    for name, formulation, lora in (("letter", "letter", False), ("option-lora", "option", True)):
+    variants = (("letter", "letter", False, 16, 1), ("option-lora", "option", True, 16, 1),
+                ("option-lora-ga2", "option", True, 32, 2))  # fmt: skip
+    for name, formulation, lora, n, accumulate in variants:
         cfg = StudentConfig(model=model_dir, kind="causal", formulation=formulation, prompt="base", lora=lora)
         student = build_student(cfg, k=4, seed=0)
-        rows = rows_for(student, mammal_task(16), 4)
-        train = TrainConfig(epochs=1, batch_size=16, learning_rate=0.5, warmup_ratio=0.0, weight_decay=0.0)
+        rows = rows_for(student, mammal_task(n), 4)
+        train = TrainConfig(epochs=1, batch_size=16, grad_accum=accumulate, learning_rate=0.5, warmup_ratio=0.0,
+                            weight_decay=0.0)  # fmt: skip
         trainer = make_trainer(student, rows, None, train, out / f"ck-{name}", 0, save_strategy="no", optim="sgd",
                                lr_scheduler_type="constant", max_grad_norm=0.0)  # fmt: skip
         trainer.train()

@@ -850,3 +850,15 @@ def test_options_added_later_are_left_out_of_a_default_cells_fingerprint() -> No
                                          "group_by_length", "learning_rate", "loss", "loss_options", "report_to",
                                          "temperature", "warmup_ratio", "weight_decay"]  # fmt: skip
     assert fingerprint(training) == "d8b8a1f6bbccd6352389d3ac4c2d085a5dba69d4de9376053ad0e303305ae5b5"
+
+
+def test_a_ddk_grid_without_domains_is_refused_before_any_stage(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`grid.weightings: [none, ddk]` on ARC (no domain field, no subject) stops at once, naming the missing domains
+    and where to give them; nothing is extracted."""
+    base = tiny_config(tiny_llama_dir, tiny_bert_dir, fractions=[1.0], seeds=[0], signals=["probe"],
+                       weightings=["none", "ddk"])  # fmt: skip
+    with pytest.raises(ProbekdError, match=r"training questions have no domain .* `domain` field or column"):
+        run_experiment(load_config(None, base=base), tmp_path / "ddk")
+    assert not (tmp_path / "ddk" / "teacher").exists()

@@ -244,6 +244,19 @@ def test_changed_prompt_is_refused(teacher, tiny_llama_dir: Path, tmp_path: Path
     assert json.loads((tmp_path / "manifest.json").read_text())["fields"]["prompt"]["instruction"] == "Pick one."
 
 
+def test_a_cache_made_in_another_compute_dtype_names_the_setting_to_resume_it(
+    teacher, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """`compute_dtype: auto` resolves per machine (bf16 on CUDA and bf16 CPUs): a cache begun in float32 and resumed
+    where the teacher computes in bfloat16 is refused with the setting that resumes it."""
+    exs = examples(4)
+    extract_split(teacher, tiny_llama_dir, exs, tmp_path, ExtractConfig(prompt="base", shard_size=2))
+    bf16 = load_teacher(str(tiny_llama_dir), "cpu", "bfloat16")
+    with pytest.raises(tcache.CacheMismatchError, match=r"differs in: compute_dtype\); it was computed in float32, "
+                       r".*set extract.compute_dtype: float32 \(--compute-dtype float32\)"):  # fmt: skip
+        extract_split(bf16, tiny_llama_dir, exs, tmp_path, ExtractConfig(prompt="base", shard_size=2))
+
+
 def test_fp16_overflow_is_refused(tmp_path: Path) -> None:
     big = {"hidden": torch.tensor([[7e4, 1.0]]), "scores": torch.zeros(1, 2)}
     with pytest.raises(ProbekdError, match="beyond the float16 maximum"):

@@ -400,7 +400,9 @@ def test_causal_students_under_ddp_step_as_one_process(tiny_llama_dir: Path, tmp
     """Under torchrun (2 gloo ranks, 8 rows each) one SGD step of a causal student leaves both ranks with the same
     parameters, equal to one process's step on all 16 rows: its scorers go through the DDP-wrapped forward, so the
     gradients are all-reduced (the letter scorer trained in full, the option scorer with LoRA). Without the
-    synchronization each rank would step on its own 8 rows and the ranks would differ."""
+    synchronization each rank would step on its own 8 rows and the ranks would differ. Two steps of 2 accumulated
+    micro-batches also leave the ranks equal (the ranks' shares of the rows are not one process's order, so there
+    only the ranks are compared)."""
     script = Path(__file__).with_name("ddp_student_worker.py")
     env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")},
            "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -429,6 +431,8 @@ def test_causal_students_under_ddp_step_as_one_process(tiny_llama_dir: Path, tmp
         assert (one - before).abs().max() > 1e-3  # the step moved the parameters
         torch.testing.assert_close(r0, r1, rtol=0, atol=1e-6)
         torch.testing.assert_close(r0, one, rtol=1e-4, atol=1e-5)
+    r0, r1 = (torch.load(tmp_path / f"option-lora-ga2-world2-rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(r0, r1, rtol=0, atol=1e-6)
 
 
 def test_min_steps_gives_a_small_training_set_more_epochs(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -439,6 +443,8 @@ def test_min_steps_gives_a_small_training_set_more_epochs(tiny_bert_dir: Path, t
     assert cfg.model_copy(update={"min_steps": 15}).epochs_for(3) == 5
     assert cfg.model_copy(update={"min_steps": 4}).epochs_for(3) == 2
     assert cfg.model_copy(update={"min_steps": 7}).epochs_for(3) == pytest.approx(7 / 3)
+    assert cfg.model_copy(update={"epochs": 1, "min_steps": 21}).total_steps(19) == 21  # 21 / 19 x 19: 22 in float
+    assert cfg.total_steps(3) == 6 and cfg.model_copy(update={"min_steps": 4}).total_steps(3) == 6
     student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
     rows, dev = rows_for(student, mammal_task(12), 4), rows_for(student, mammal_task(8, seed=1), 4)
     history = train_student(student, rows, dev, cfg.model_copy(update={"min_steps": 15}), tmp_path / "ck", 0)

@@ -3,6 +3,7 @@ the weights reaching the trainer."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from probekd.student.train import train_student
 from probekd.student.train_config import TrainConfig
 from probekd.weighting import (
     WeightingConfig,
-    ddk_discrepancy,
+    ddk_gaps,
     ddk_mixture,
     domain_weights,
     hard_filter_weights,
@@ -105,23 +106,25 @@ class _Killed(Exception):
     """Stands for the process being killed mid-training."""
 
 
+@pytest.mark.parametrize("scheme", ["paced", "ddk"])
 def test_resumed_weighted_student_keeps_its_weights(
-    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str
 ) -> None:
-    """A PACED student killed after its first checkpoint and rerun resumes with the weights and statistics it had
-    (from the warm-up model at step 1), not weights recomputed from the model it resumes with, and ends as an
-    uninterrupted student does."""
+    """A PACED (or DDK) student killed after its first checkpoint and rerun resumes with the weights and statistics
+    it had (from the warm-up model at step 1; DDK also its domain mixture, in full precision), not weights
+    recomputed from the model it resumes with, and ends as an uninterrupted student does."""
     from transformers import TrainerCallback
 
     import probekd.student.train as train_mod
     from test_student import mammal_task, rows_for
 
-    weighting = WeightingConfig(scheme="paced", warmup_epochs=1 / 3)  # weights once, after step 1 of 3 per epoch
+    weighting = WeightingConfig(scheme=scheme, warmup_epochs=1 / 3)  # weights once, after step 1 of 3 per epoch
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3, weighting=weighting)
 
     def run(out: Path) -> tuple[list[float], list[dict], list[float]]:
         student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
         rows = rows_for(student, mammal_task(24), 4)
+        rows.domains = ["farm" if i % 3 == 0 else "zoo" for i in range(24)]
         history = train_student(student, rows, rows, cfg, out, 0)
         params = [float(p.detach().sum()) for p in student.model.parameters()]
         return [r["weights"] for r in rows.rows], [h["weighting"] for h in history if "weighting" in h], params
@@ -146,6 +149,10 @@ def test_resumed_weighted_student_keeps_its_weights(
         run(tmp_path / "killed")
     monkeypatch.undo()
     assert (tmp_path / "killed" / "checkpoint-3" / train_mod.WEIGHTS_FILE).is_file()
+    if scheme == "ddk":  # the mixture the next update would move from, unrounded
+        saved = json.loads((tmp_path / "killed" / "checkpoint-3" / train_mod.WEIGHTS_FILE).read_text())
+        assert saved["mixture"] == pytest.approx(stats_full[0]["mixture"], abs=1e-6)
+        assert saved["mixture"] != stats_full[0]["mixture"]  # more digits than the logged statistics
     shutil.copytree(tmp_path / "killed", tmp_path / "old")
     w_resumed, stats_resumed, params_resumed = run(tmp_path / "killed")
     assert stats_resumed == stats_full  # computed once, at step 1, before the kill
@@ -159,20 +166,19 @@ def test_resumed_weighted_student_keeps_its_weights(
     np.testing.assert_allclose(params_old, params_full, rtol=1e-5, atol=1e-5)
 
 
-def test_ddk_discrepancy_and_smooth_update_by_hand() -> None:
-    """DDK on two domains: the factor is the softmax of the student/target loss ratios; the smooth update
-    multiplies the previous mixture by exp(factor), renormalizes, and mixes in the uniform floor (numbers by hand)."""
+def test_ddk_gaps_and_smooth_update_by_hand() -> None:
+    """DDK on two domains: the gaps are mean student loss minus mean target loss per domain; one update moves the
+    mixture a step towards the data's shares scaled by exp(gap) (numbers by hand)."""
     domains = np.array([0, 0, 1, 1, 1])
     student = np.array([1.0, 3.0, 2.0, 2.0, 5.0])  # means 2 and 3
-    target = np.array([1.0, 1.0, 1.0, 0.5, 1.5])  # means 1 and 1: ratios 2 and 3
-    v = ddk_discrepancy(student, target, domains, 2)
-    np.testing.assert_allclose(v, [1 / (1 + np.e), np.e / (1 + np.e)])  # softmax of [2, 3]
-    r = ddk_mixture(np.array([0.4, 0.6]), v, smoothing=0.5)
-    psi = np.array([0.4 * np.exp(v[0]), 0.6 * np.exp(v[1])])
-    np.testing.assert_allclose(r, 0.5 * psi / psi.sum() + 0.25)
-    # one-hot targets (zero target loss) stay finite; a domain without rows gets the ratio 1
-    v0 = ddk_discrepancy(np.array([0.5, 0.5]), np.zeros(2), np.array([0, 0]), 3)
-    assert np.isfinite(v0).all() and v0[1] == v0[2] and v0[0] > v0[1]
+    target = np.array([1.0, 1.0, 1.0, 0.5, 1.5])  # means 1 and 1: gaps 1 and 2
+    gaps = ddk_gaps(student, target, domains, 3)
+    np.testing.assert_allclose(gaps, [1.0, 2.0, 0.0])  # a domain without rows: 0
+    shares = np.array([0.4, 0.6])
+    r = ddk_mixture(shares, gaps[:2], shares, smoothing=0.5)
+    star = np.array([0.4 * np.e, 0.6 * np.e**2]) / (0.4 * np.e + 0.6 * np.e**2)
+    np.testing.assert_allclose(r, 0.5 * star + 0.5 * shares)
+    np.testing.assert_allclose(ddk_gaps(np.array([0.7, 0.3]), np.zeros(2), np.array([0, 1]), 2), [0.7, 0.3])
 
 
 @settings(max_examples=40, deadline=None)
@@ -180,29 +186,33 @@ def test_ddk_discrepancy_and_smooth_update_by_hand() -> None:
 def test_ddk_mixture_moves_toward_the_domain_with_the_larger_gap(
     gap: float, smoothing: float, d: int, steps: int
 ) -> None:
-    """Domain 0, the smallest, trails its targets by more than the others (ratio 1 + gap against 1): every update
-    raises its share, every share stays >= (1 - smoothing) / D, and the row weights give each domain its share of
-    the loss with mean 1."""
-    domains = np.repeat(np.arange(d), np.arange(1, d + 1))  # unequal domain sizes
+    """The largest domain trails its targets by `gap` nats more than the others: every update raises its share above
+    its share of the data, towards share exp(gap) / normalizer; with equal gaps the mixture stays the data's own and
+    every row keeps weight 1; the row weights give each domain its share of the loss, with mean 1."""
+    domains = np.repeat(np.arange(d), np.arange(d, 0, -1))  # domain 0 the largest
+    shares = np.bincount(domains) / len(domains)
     student = np.where(domains == 0, 1.0 + gap, 1.0)
-    target = np.ones(len(domains))
-    v = ddk_discrepancy(student, target, domains, d)
-    r = np.bincount(domains) / len(domains)
+    gaps = ddk_gaps(student, np.zeros(len(domains)), domains, d)
+    target0 = shares[0] * np.exp(gap) / (shares[0] * np.exp(gap) + 1 - shares[0])
+    r = shares
     for _ in range(steps):
-        new = ddk_mixture(r, v, smoothing)
-        assert new[0] > r[0] - 1e-12  # starts below its fixed point (> 1/D), approached from below
+        new = ddk_mixture(r, gaps, shares, smoothing)
+        assert new[0] > r[0] - 1e-12 and new[0] <= target0 + 1e-12
         np.testing.assert_allclose(new.sum(), 1.0)
-        assert (new >= (1 - smoothing) / d - 1e-12).all()
         r = new
+    assert r[0] > shares[0]
     w = domain_weights(domains, r)
     assert w.mean() == pytest.approx(1.0)
     np.testing.assert_allclose(np.bincount(domains, weights=w) / len(domains), r)
+    same = ddk_mixture(shares, np.full(d, 0.8), shares, smoothing)
+    np.testing.assert_allclose(domain_weights(domains, same), 1.0)
 
 
 def test_ddk_weights_reach_the_trainer_and_need_domains(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """`weighting.scheme: ddk` with the rows' domains: each computation logs the mixture, which moves from the data's
-    own shares; the rows' weights are constant within a domain, mean 1; rows without domains are refused."""
-    from probekd.student.train import Rows
+    """`weighting.scheme: ddk` with the rows' domains: the first computation moves the mixture from the data's shares
+    by the gaps of the untrained student's losses to the targets (by hand), later ones log the mixture; the rows'
+    weights are constant within a domain, mean 1; rows without domains, or of one domain, are refused."""
+    from probekd.student.train import Rows, predict
     from test_student import mammal_task, rows_for
 
     student = build_student(StudentConfig(model=str(tiny_bert_dir)), k=4, seed=0)
@@ -214,12 +224,20 @@ def test_ddk_weights_reach_the_trainer_and_need_domains(tiny_bert_dir: Path, tmp
     rows = Rows([student.encode(e) for e in exs], m, np.array([e.answer for e in exs]), soft, domains=domains)
     weighting = WeightingConfig(scheme="ddk", refresh_epochs=1 / 3, ddk_smoothing=0.8)  # 3 steps per epoch
     cfg = TrainConfig(epochs=1, batch_size=8, learning_rate=1e-3, weighting=weighting)
+    probs = predict(student, rows, 32)
+    gold = np.array([e.answer for e in exs])
+    loss_s = -np.log(probs[np.arange(24), gold])
+    loss_t = -np.log(soft[np.arange(24), gold])
+    farm = np.array(domains) == "farm"
+    gaps = np.array([(loss_s - loss_t)[farm].mean(), (loss_s - loss_t)[~farm].mean()])
+    first = ddk_mixture(np.array([1 / 3, 2 / 3]), gaps, np.array([1 / 3, 2 / 3]), 0.8)
     history = train_student(student, rows, rows, cfg, tmp_path / "ck", 0)
     stats = [h["weighting"] for h in history if "weighting" in h]
     assert [s["step"] for s in stats] == [0, 1, 2, 3]  # at the start, then after every step
     mix = [s["mixture"] for s in stats]
     assert all(sorted(x) == ["farm", "zoo"] and sum(x.values()) == pytest.approx(1.0, abs=1e-5) for x in mix)
-    assert mix[0] != {"farm": 1 / 3, "zoo": 2 / 3}  # moved from the data's shares at the first computation
+    assert mix[0] == pytest.approx({"farm": first[0], "zoo": first[1]}, abs=2e-6)
+    assert abs(first[0] - 1 / 3) > 1e-3  # it moved
     w = np.array([r["weights"] for r in rows.rows])
     assert w.mean() == pytest.approx(1.0)
     for name in ("farm", "zoo"):
@@ -227,3 +245,6 @@ def test_ddk_weights_reach_the_trainer_and_need_domains(tiny_bert_dir: Path, tmp
         assert np.ptp(dw) == 0 and dw[0] == pytest.approx(mix[-1][name] / (np.mean(np.array(domains) == name)), 1e-4)
     with pytest.raises(ProbekdError, match="needs a domain for every training question"):
         train_student(student, plain, plain, cfg, tmp_path / "none", 0)
+    plain.domains = ["zoo"] * 24
+    with pytest.raises(ProbekdError, match="the training questions have one"):
+        train_student(student, plain, plain, cfg, tmp_path / "one", 0)

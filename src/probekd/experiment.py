@@ -195,6 +195,24 @@ def examples_by_id(
     return {s: {e.id: e for e in loaded.splits[s]} for s in splits if s in loaded.splits}
 
 
+def check_domains(cfg: RunConfig) -> None:
+    """A grid with DDK cells (`ddk` among its weightings) needs a domain for every training question, and two
+    domains at least: refused before any stage runs, naming what is missing (the trainer would find out only when
+    that cell starts)."""
+    if not any(c.weighting == "ddk" for c in cfg.cells()):
+        return
+    train = list(examples_by_id(cfg, ("train",)).get("train", {}).values())
+    missing = [e.id for e in train if e.domain is None]
+    if missing:
+        raise ProbekdError(f"grid.weightings has ddk, which mixes the data's domains, but {len(missing)} of "
+                           f"{len(train)} training questions have no domain (e.g. {missing[:3]}): give each record "
+                           "a `domain` field or column (or name it in task.columns.domain)")  # fmt: skip
+    domains = {e.domain for e in train}
+    if len(domains) < 2:
+        raise ProbekdError(f"grid.weightings has ddk, which mixes the data's domains, but every training question "
+                           f"is in one ({domains.pop()!r}): it would weight every row 1")  # fmt: skip
+
+
 def _within_labelled(c: TeacherCache, pick: Callable[[list[str]], np.ndarray]) -> np.ndarray:
     """Bool [N] over the rows of `c`: True on the labelled rows that `pick` keeps (given their ids, in order)."""
     lab_all = c.answers >= 0
@@ -684,6 +702,7 @@ def run_experiment(
     if r.world > 1 and (workers > 1 or shard is not None):
         raise ProbekdError("under a launcher (torchrun) the ranks train each student together (DDP); --workers and "
                            "--shard split the grid between independent processes: use one or the other")  # fmt: skip
+    check_domains(cfg)
     if stage != "students":
         # concurrent --shard jobs: one does the targets stage, the others then find it done (a launcher's ranks
         # share the extraction, meeting at barriers, and rank 0 does the rest: no lock there)

@@ -61,8 +61,8 @@ class WeightingConfig(BaseModel):
         0.5,
         gt=0,
         le=1,
-        description="`ddk`: alpha of the factor smooth update r = alpha psi / sum(psi) + (1 - alpha) / D; 1: no "
-        "uniform share.",
+        description="`ddk`: the step of each update of the domain mixture towards the gap-scaled target mixture "
+        "(r = a r* + (1 - a) r_prev); 1: jump to the target.",
     )
     influence_scale: float = Field(
         1.0, gt=0, description="`influence`: kappa in sigmoid(kappa * s / std(s)); larger = weights further apart."
@@ -134,26 +134,24 @@ def influence_weights(scores: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return normalize(1.0 / (1.0 + np.exp(-scale * s / sd)))
 
 
-def ddk_discrepancy(
-    student_loss: np.ndarray, target_loss: np.ndarray, domains: np.ndarray, n_domains: int
-) -> np.ndarray:
-    """DDK's domain discrepancy factor [D]: softmax over domains of mean student loss / mean target loss, each a
-    mean over the domain's rows (`domains` [N] in 0..D-1; the target loss floored at 1e-3 so one-hot targets stay
-    finite). A domain without rows gets the factor of a ratio of 1."""
-    s_sum = np.bincount(domains, weights=student_loss, minlength=n_domains)
-    t_sum = np.bincount(domains, weights=target_loss, minlength=n_domains)
+def ddk_gaps(student_loss: np.ndarray, target_loss: np.ndarray, domains: np.ndarray, n_domains: int) -> np.ndarray:
+    """The student's gap to its targets per domain [D]: mean student loss minus mean target loss over the domain's
+    rows (`domains` [N] in 0..D-1), the log of DDK's perplexity ratio; finite for one-hot targets (loss 0), where it
+    is the student's own loss. A domain without rows gets 0."""
     count = np.bincount(domains, minlength=n_domains)
-    ratio = np.where(count > 0, s_sum / np.maximum(t_sum, 1e-3 * np.maximum(count, 1)), 1.0)
-    z = np.exp(ratio - ratio.max())
-    return z / z.sum()
+    gap = np.bincount(domains, weights=student_loss - target_loss, minlength=n_domains)
+    return np.where(count > 0, gap / np.maximum(count, 1), 0.0)
 
 
-def ddk_mixture(previous: np.ndarray, discrepancy: np.ndarray, smoothing: float) -> np.ndarray:
-    """DDK's factor smooth update of the domain mixture [D]: psi = previous * exp(discrepancy), then
-    r = smoothing * psi / sum(psi) + (1 - smoothing) / D: the mixture moves towards the domains the student trails
-    most, by steps no larger than the discrepancy, with a uniform floor that keeps every domain in training."""
-    psi = np.asarray(previous, dtype=np.float64) * np.exp(np.asarray(discrepancy, dtype=np.float64))
-    return smoothing * psi / psi.sum() + (1.0 - smoothing) / len(psi)
+def ddk_mixture(previous: np.ndarray, gaps: np.ndarray, shares: np.ndarray, smoothing: float) -> np.ndarray:
+    """DDK's smooth update of the domain mixture [D]: the target mixture is the data's own shares scaled by each
+    domain's discrepancy factor, r* = softmax_d(gap_d + log share_d) (proportional to share_d exp(gap_d)), and the
+    mixture moves a step `smoothing` towards it from `previous`: r = smoothing r* + (1 - smoothing) previous. Equal
+    gaps leave the data's mixture as it is; a domain the student trails by one nat more gets e times its share."""
+    z = np.asarray(gaps, dtype=np.float64) + np.log(np.maximum(np.asarray(shares, dtype=np.float64), 1e-300))
+    target = np.exp(z - z.max())
+    target /= target.sum()
+    return smoothing * target + (1.0 - smoothing) * np.asarray(previous, dtype=np.float64)
 
 
 def domain_weights(domains: np.ndarray, mixture: np.ndarray) -> np.ndarray:

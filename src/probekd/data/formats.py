@@ -53,8 +53,8 @@ class Columns(BaseModel):
     answer: str = Field("answer", description="Field with the gold answer; missing or empty means unlabelled.")
     domain: str | None = Field(
         "domain",
-        description="Field with the question's domain (a subject, a source), kept for DDK's domain mixture "
-        "(`grid.weightings: [ddk]`); optional in every record.",
+        description="Field with the question's domain (a subject, a source: text or an integer), kept for DDK's "
+        "domain mixture (`grid.weightings: [ddk]`); optional in every record, other values ignored.",
     )
     answer_type: Literal["auto", "index", "label", "text"] = Field(
         "auto",
@@ -277,8 +277,8 @@ def records_to_examples(
         ex_id = str(raw_id) if raw_id not in (None, "") else f"{id_prefix}{n}"
         meta: dict[str, Any] = {"source": where, "labels": labels}
         domain = _get(rec, columns.domain, where, required=False) if columns.domain else None
-        if domain not in (None, ""):
-            meta["domain"] = _as_text(domain, where)
+        if isinstance(domain, (str, int)) and not isinstance(domain, bool) and str(domain).strip():
+            meta["domain"] = str(domain)  # a list, object or flag in a field of that name is not a domain: left out
         out.append(MCQExample(ex_id, _as_text(q, where), tuple(options), answer, meta))
     return out
 

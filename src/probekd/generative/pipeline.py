@@ -191,6 +191,11 @@ class GenerativeRunConfig(BaseModel):
             raise ValueError(f"task {self.task!r} is not a free-form task (gsm8k, aqua_rat, arith:...)")
         if self.student.kind != "causal":
             raise ValueError("a generative run needs a causal student (student.kind: causal)")
+        t = self.train
+        on = [f"train.{k}" for k in ("mixup", "hidden_match", "lelp", "min_steps") if getattr(t, k)]
+        if on:
+            raise ValueError(f"{', '.join(on)} are for multiple-choice students; a generative run does not read "
+                             "them: remove them")  # fmt: skip
         w = self.train.weighting
         if w.pass_rate != "exact" or w.samples != 8:
             raise ValueError("train.weighting.pass_rate and samples are for multiple-choice students; a generative "

@@ -463,9 +463,7 @@ def kept_before_variant(cell: dict[str, Any], train: dict[str, Any]) -> bool:
     first = cfg.first_changed_step(cell.get("weighting", "none"), steps_per_epoch)
     if first is None:
         return False
-    kept_at = min(
-        (int(np.argmax(dev)) + 1) * steps_per_epoch, math.ceil(cfg.epochs_for(steps_per_epoch) * steps_per_epoch)
-    )
+    kept_at = min((int(np.argmax(dev)) + 1) * steps_per_epoch, cfg.total_steps(steps_per_epoch))
     return kept_at <= first
 
 

@@ -18,7 +18,7 @@ from probekd.atomic import write_json
 from probekd.errors import ProbekdError
 from probekd.weighting import (
     WeightingConfig,
-    ddk_discrepancy,
+    ddk_gaps,
     ddk_mixture,
     domain_weights,
     influence_weights,
@@ -45,7 +45,8 @@ class PassRateWeights(TrainerCallback):
     `probabilities()` gives the student's current option probabilities on them [N, K]; `influence(step)` the rows'
     influence scores (scheme `influence`, KD-AIF: the weights come from them, the pass rates are only logged).
     Scheme `ddk` needs `domains`, the rows' domain names: its state, the domain mixture, moves at each computation
-    (`probekd.weighting.ddk_mixture`) and is kept in the statistics, so a resumed student continues from it."""
+    (`probekd.weighting.ddk_mixture`) and is saved with the weights in each checkpoint, so a resumed student
+    continues from it."""
 
     def __init__(
         self,
@@ -64,8 +65,13 @@ class PassRateWeights(TrainerCallback):
                 raise ProbekdError("the ddk weighting needs a domain for every training question (MMLU's subject, or "
                                    "a `domain` field or column in your data)")  # fmt: skip
             self.domain_names = sorted(set(domains))
-            self.domains = np.array([self.domain_names.index(d) for d in domains])
-            self.mixture = np.bincount(self.domains) / len(self.domains)  # the data's own mixture until updated
+            if len(self.domain_names) < 2:
+                raise ProbekdError(f"the ddk weighting mixes domains; the training questions have one "
+                                   f"({self.domain_names[0]!r}), so it would weight every row 1")  # fmt: skip
+            index = {d: i for i, d in enumerate(self.domain_names)}
+            self.domains = np.array([index[d] for d in domains])
+            self.shares = np.bincount(self.domains) / len(self.domains)
+            self.mixture = self.shares.copy()  # the data's own mixture until updated
         self.rows = rows
         self.probabilities = probabilities
         self.influence = influence
@@ -89,8 +95,8 @@ class PassRateWeights(TrainerCallback):
             idx = np.arange(len(gold))
             student_loss = -np.log(np.clip(probs[idx, gold], 1e-12, None))
             target_loss = -np.log(np.clip(targets[idx, gold], 1e-12, None))
-            v = ddk_discrepancy(student_loss, target_loss, self.domains, len(self.domain_names))
-            self.mixture = ddk_mixture(self.mixture, v, self.cfg.ddk_smoothing)
+            gaps = ddk_gaps(student_loss, target_loss, self.domains, len(self.domain_names))
+            self.mixture = ddk_mixture(self.mixture, gaps, self.shares, self.cfg.ddk_smoothing)
             return domain_weights(self.domains, self.mixture), p
         return weights_for(self.cfg, probs, gold, self.seed + step), p
 
@@ -117,8 +123,8 @@ class PassRateWeights(TrainerCallback):
             for row, wi in zip(self.rows, kept["weights"], strict=True):
                 row["weights"] = float(wi)
             self.stats = kept["stats"]
-            if self.cfg.scheme == "ddk" and self.stats:  # the mixture the next update moves from
-                self.mixture = np.array([self.stats[-1]["mixture"][d] for d in self.domain_names])
+            if self.cfg.scheme == "ddk" and "mixture" in kept:  # the mixture the next update moves from
+                self.mixture = np.array([kept["mixture"][d] for d in self.domain_names])
             log.info("%s weights restored from %s (computed at steps %s)", self.cfg.scheme, saved,
                      [st["step"] for st in self.stats])  # fmt: skip
         elif state.global_step >= self.warmup:  # from the start, without a warm-up (`train_student` never resumes
@@ -127,7 +133,10 @@ class PassRateWeights(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if folder.is_dir() and state.is_world_process_zero:  # under a launcher: rank 0 writes (same weights on all)
-            write_json(folder / WEIGHTS_FILE, {"weights": [row["weights"] for row in self.rows], "stats": self.stats})
+            saved = {"weights": [row["weights"] for row in self.rows], "stats": self.stats}
+            if self.cfg.scheme == "ddk":  # the domain mixture in full precision (the stats round it)
+                saved["mixture"] = dict(zip(self.domain_names, self.mixture.tolist(), strict=True))
+            write_json(folder / WEIGHTS_FILE, saved)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         since = state.global_step - self.warmup

@@ -68,8 +68,10 @@ def distill_loss(
     return alpha * kd + (1 - alpha) * ce
 
 
-# what a row holds besides the student's model inputs (the loss reads them; the model never sees them)
-ROW_EXTRAS = ("targets", "weights", "labels", "teacher_states", "subclass_targets")
+# what a row holds besides the student's model inputs (the loss reads them; the model never sees them); the
+# per-option ones [K, ...] feed the extra training terms (hidden-state matching, LELP)
+PER_OPTION_EXTRAS = ("teacher_states", "subclass_targets")
+ROW_EXTRAS = ("targets", "weights", "labels", *PER_OPTION_EXTRAS)
 
 
 class Rows(Dataset):
@@ -136,6 +138,7 @@ class Rows(Dataset):
         out = copy.copy(self)
         out.rows = [self.rows[i] for i in idx]
         out.lengths = [self.lengths[i] for i in idx]
+        out.domains = [self.domains[i] for i in idx] if self.domains is not None else None
         return out
 
 
@@ -330,6 +333,8 @@ def make_trainer(
         "per_device_eval_batch_size": cfg.eval_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "num_train_epochs": epochs,
+        # `min_steps` binding: exactly that many steps (epochs x steps per epoch can round up one step in float)
+        "max_steps": cfg.total_steps(steps_per_epoch) if epochs > cfg.epochs else -1,
         "learning_rate": cfg.learning_rate,
         "weight_decay": cfg.weight_decay,
         "warmup_steps": int(cfg.warmup_ratio * steps_per_epoch * epochs),
@@ -408,7 +413,7 @@ def train_student(
     weigher = None
     if cfg.weighting.scheme != "none":
         steps_per_epoch = _steps_per_epoch(train_rows, cfg)
-        max_steps = math.ceil(cfg.epochs_for(steps_per_epoch) * steps_per_epoch)
+        max_steps = cfg.total_steps(steps_per_epoch)
         weigher = PassRateWeights(
             train_rows.rows,
             lambda: predict(student, train_rows, cfg.eval_batch_size),
@@ -485,7 +490,7 @@ def influence_scores(student: Student, train_rows: Rows, dev_rows: Rows, cfg: Tr
     def batches(rows: Rows, order: list[int]) -> Iterator[dict[str, torch.Tensor]]:
         for s in range(0, len(order), size):
             batch = student.collate([rows[i] for i in order[s : s + size]])
-            yield {k: v.to(device) for k, v in batch.items() if k not in ("teacher_states", "subclass_targets")}
+            yield {k: v.to(device) for k, v in batch.items() if k not in PER_OPTION_EXTRAS}
 
     dev_order = [i for i in dev_rows.longest_first() if dev_rows[i]["labels"] >= 0]
     train_order = train_rows.longest_first()

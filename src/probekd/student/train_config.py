@@ -135,12 +135,19 @@ class TrainConfig(BaseModel):
         that is fewer than `min_steps` steps."""
         return max(self.epochs, self.min_steps / steps_per_epoch) if self.min_steps else self.epochs
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The optimizer steps of a student with `steps_per_epoch` steps per epoch: `min_steps` when it binds (the
+        trainer gets it as `max_steps`), else ceil(epochs x steps per epoch), as `Trainer` counts them."""
+        if self.min_steps and self.min_steps > self.epochs * steps_per_epoch:
+            return self.min_steps
+        return math.ceil(self.epochs * steps_per_epoch)
+
     def first_changed_step(self, weighting: str, steps_per_epoch: int) -> int | None:
         """Optimizer steps a student with this loss and `weighting` trains exactly like the forward-KL, unweighted
         one of the same cell (same data order): 0 for a different loss from the start, the switch of `fkl>...`, the
         weighting's warm-up; None when it is that default. A model kept (best dev epoch) at or before this step is
         the default's model, so it says nothing about the variant."""
-        max_steps = math.ceil(self.epochs_for(steps_per_epoch) * steps_per_epoch)
+        max_steps = self.total_steps(steps_per_epoch)
         parts = self.loss.split(">")
         changes = []
         if parts[0] != "fkl":

@@ -66,8 +66,15 @@ def open_cache(
         if old.get("fingerprint") != manifest["fingerprint"]:
             if not overwrite:
                 diff = differing_fields(old.get("fields", {}), manifest["fields"])
+                hint = ""
+                if "compute_dtype" in diff:  # `auto` resolves per machine: bf16 on CUDA and bf16 CPUs, else fp32
+                    was = str(old.get("fields", {}).get("compute_dtype", "?")).removeprefix("torch.")
+                    hint = (
+                        f"; it was computed in {was}, and compute_dtype auto chose otherwise on this machine: "
+                        f"to resume it here, set extract.compute_dtype: {was} (--compute-dtype {was})"
+                    )
                 raise CacheMismatchError(
-                    f"the {what} at {folder} was made with different inputs (differs in: {', '.join(diff)}); "
+                    f"the {what} at {folder} was made with different inputs (differs in: {', '.join(diff)}){hint}; "
                     "use another --out, or pass --overwrite to replace it"
                 )
             for f in folder.glob(f"shard-*{suffix}"):
