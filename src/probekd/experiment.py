@@ -489,7 +489,7 @@ def lelp_subclasses(run: Path, rows_idx: np.ndarray, kmax: int, cell: Cell, dire
     if not path.exists():
         raise ProbekdError(f"train.lelp removes the probe's direction from the teacher's states, found from the probe "
                            f"targets of this cell's labels ({path}), which are not there: add `probe` to grid.signals "
-                           "and run the targets stage")  # fmt: skip
+                           "(and to tune.signals, for `probekd tune`) and run the targets stage")  # fmt: skip
     states, cache = _probe_layer_states(run, kmax, cell, "lelp")
     mask = cache.padded_mask(kmax)
     probs = SoftTargets.load(path).align(cache.ids, mask)
