@@ -165,7 +165,8 @@ def domain_weights(domains: np.ndarray, mixture: np.ndarray) -> np.ndarray:
 
 def weights_for(cfg: WeightingConfig, probs: np.ndarray, gold: np.ndarray, seed: int = 0) -> np.ndarray:
     """Normalized weights of `cfg` from the student's probabilities and the gold (or pseudo-gold) options (not for
-    `influence`, whose weights come from gradients: `influence_weights`)."""
+    `influence`, whose weights come from gradients: `influence_weights`, nor `ddk`, whose come from the domains'
+    losses: `ddk_mixture`, `domain_weights`)."""
     if cfg.scheme in ("influence", "ddk"):
         raise ProbekdError(f"{cfg.scheme} weights do not come from the student's pass rates alone")
     if cfg.scheme == "none":

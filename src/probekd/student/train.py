@@ -91,8 +91,8 @@ class Rows(Dataset):
         domains: list[str | None] | None = None,
     ) -> None:
         n = len(encoded)
-        per_option = {"teacher_states": teacher_states, "subclass_targets": subclass_targets}
-        per_option = {k: v for k, v in per_option.items() if v is not None}
+        given = (teacher_states, subclass_targets)
+        per_option = {k: v for k, v in zip(PER_OPTION_EXTRAS, given, strict=True) if v is not None}
         if (
             not (mask.shape[0] == labels.shape[0] == n)
             or (targets is not None and targets.shape != mask.shape)
